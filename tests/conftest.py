@@ -1,0 +1,83 @@
+"""Shared fixtures: real SeaweedFS S3 and PostgreSQL servers, and synthetic video clips."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testkit.clips import ClipSpec, broken_set, standard_set
+from testkit.pgserver import PostgresServer
+from testkit.s3server import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A started ``weed mini`` for the whole session; stopped by PID at the end."""
+    try:
+        server = SeaweedS3(data_dir=tmp_path_factory.mktemp("seaweed"))
+    except Exception as err:
+        pytest.fail(f"SeaweedFS S3 server cannot be set up: {err}", pytrace=False)
+    try:
+        server.start()
+    except Exception as err:
+        server.close()
+        pytest.fail(f"SeaweedFS S3 server could not start: {err}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A fresh, uniquely named, empty bucket."""
+    return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A started PostgreSQL for the whole session; stopped by PID and deleted at the end."""
+    try:
+        server = PostgresServer()
+    except Exception as err:
+        pytest.fail(f"PostgreSQL server cannot be set up: {err}", pytrace=False)
+    try:
+        server.start()
+    except Exception as err:
+        server.close()
+        pytest.fail(f"PostgreSQL server could not start: {err}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresServer) -> str:
+    """DSN of a fresh database."""
+    return pg_server.create_database(f"test_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the standard clip set, rendered once ($TESTKIT_CLIP_CACHE keeps it across runs)."""
+    cache = os.environ.get("TESTKIT_CLIP_CACHE")
+    directory = Path(cache) if cache else tmp_path_factory.mktemp("clips")
+    standard_set(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def standard_clips(clip_dir: Path) -> list[tuple[Path, ClipSpec]]:
+    """(path, spec) of every clip in the standard set."""
+    return standard_set(clip_dir)
+
+
+@pytest.fixture(scope="session")
+def broken_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """kind -> path of every deliberately broken file (and the valid one-frame clip)."""
+    return broken_set(tmp_path_factory.mktemp("broken"))
