@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from testkit.clips import ClipSpec, broken_set, standard_set
 from testkit.pgserver import PostgresServer
+from testkit.ports import free_port
 from testkit.s3server import SeaweedS3
 
 
@@ -81,3 +84,49 @@ def standard_clips(clip_dir: Path) -> list[tuple[Path, ClipSpec]]:
 def broken_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """kind -> path of every deliberately broken file (and the valid one-frame clip)."""
     return broken_set(tmp_path_factory.mktemp("broken"))
+
+
+# -- msrun -------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+TINY_QWEN2VL = REPO / "tiny_models" / "qwen2vl"
+
+
+class MsrunResult:
+    def __init__(self, proc: subprocess.CompletedProcess, log_dir: Path) -> None:
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.log_dir = log_dir
+
+    def rank_logs(self) -> dict[int, list[str]]:
+        out = {}
+        for path in sorted(self.log_dir.glob("worker_*.log")):
+            out[int(path.stem.split("_")[1])] = path.read_text(errors="replace").splitlines()
+        return out
+
+    @property
+    def tail(self) -> str:
+        parts = [self.stdout[-3000:]]
+        for rank, lines in self.rank_logs().items():
+            parts.append(f"--- rank {rank} ---\n" + "\n".join(lines[-40:]))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def run_msrun(s3_server: SeaweedS3):
+    """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server."""
+
+    def run(meta: str, *args: str, log_dir: Path, env: dict[str, str] | None = None, workers: int = 2,
+            model_dir: Path = TINY_QWEN2VL, script: str = "caption_qwen2vl.py", timeout: float = 600) -> MsrunResult:
+        if not (model_dir / "config.json").exists():
+            pytest.fail(f"tiny model missing at {model_dir}: run `make train-tiny`", pytrace=False)
+        msrun = Path(sys.executable).with_name("msrun")
+        argv = [str(msrun), f"--worker_num={workers}", f"--local_worker_num={workers}", "--join=True",
+                f"--log_dir={log_dir}", f"--master_port={free_port()}",
+                str(REPO / "captioning_core" / script), meta, "--pretrained_model_name_or_path", str(model_dir),
+                *args]
+        full_env = {**os.environ, **s3_server.env(), **(env or {})}
+        proc = subprocess.run(argv, env=full_env, cwd=log_dir.parent, capture_output=True, text=True,
+                              timeout=timeout)
+        return MsrunResult(proc, log_dir)
+
+    return run

@@ -1,0 +1,27 @@
+# The README names these targets. `make test` and `make demo` work on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast lint demo train-tiny clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not msrun and not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(PY) -m demo $(DEMO_ARGS)
+
+train-tiny: setup
+	$(PY) tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
+
+clean:
+	rm -rf .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Captioning core: what runs inside each msrun rank."""

@@ -1,0 +1,133 @@
+"""Command line of the caption scripts, seed-compatible (``caption_qwen2vl``, ``caption_pllava``).
+
+Runs the same way alone or under msrun, one process per rank::
+
+    msrun --worker_num=2 --local_worker_num=2 --join=True --log_dir=msrun_log \\
+        captioning_core/caption_qwen2vl.py /path/to/meta.csv
+
+S3 endpoint and credentials are read from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (per-row failures are in the output),
+2 bad input found before any model load, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from captioning_core import storage
+from captioning_core.config import DEVICE_TARGETS, DTYPES, GATHER_MODES, RunConfig
+from captioning_core.sharding import rank_from_env
+
+log = logging.getLogger("captioning_core.cli")
+
+DEFAULT_MODEL_DIRS = {"qwen2vl": "pretrained_models/Qwen2-VL-7B-Instruct", "pllava": "./pretrained_models/pllava"}
+EXIT_BAD_INPUT = 2
+
+
+def build_parser(model: str) -> argparse.ArgumentParser:
+    from captioning_core.models import captioner_class
+
+    parser = argparse.ArgumentParser(
+        prog=f"caption_{model}",
+        description=f"Caption every video of a meta partition with {model} (one process per msrun rank).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("meta_path", help="meta CSV with a 'path' column: local path or s3://bucket/key.csv")
+    parser.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL_DIRS[model],
+                        help="local model directory in Hugging Face format")
+    parser.add_argument("--question", default="Describe the video in details", help="the caption prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="caption length cap in tokens")
+    parser.add_argument("--bs", type=int, default=1, help="videos per generate call")
+    parser.add_argument("--skip_if_existing", action="store_true",
+                        help="exit at once, before loading any model, if the output already exists")
+    parser.add_argument("--output", default=None,
+                        help="output CSV (local or s3://); default {stem}_caption_{model}{ext} beside the input")
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS,
+                        default=os.environ.get("CAPTION_DEVICE_TARGET", "Ascend"),
+                        help="MindSpore device: Ascend, or CPU on machines without NPUs "
+                             "(default from $CAPTION_DEVICE_TARGET, else Ascend)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights dtype (default float16 on Ascend, float32 on CPU)")
+    parser.add_argument("--gather", choices=GATHER_MODES, default="none",
+                        help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")
+    parser.add_argument("--pad_length", type=int, default=4096,
+                        help="token-id row width for --gather allgather")
+    parser.add_argument("--max_row_attempts", type=int, default=3,
+                        help="a failed row is retried on later runs until it has failed this many times")
+    parser.add_argument("--video_root", default=None,
+                        help="base for relative video paths (default: the meta file's directory)")
+    parser.add_argument("--allowed_root", action="append", default=[], dest="allowed_roots",
+                        help="only read videos under this local dir or s3:// prefix (repeatable)")
+    parser.add_argument("--prefetch_workers", type=int, default=2, help="background decode threads")
+    parser.add_argument("--prefetch_batches", type=int, default=2, help="batches decoded ahead of the model")
+    parser.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    captioner_class(model).add_arguments(parser)
+    return parser
+
+
+def config_from_args(model: str, args: argparse.Namespace) -> RunConfig:
+    from captioning_core.models import captioner_class
+
+    return RunConfig(
+        meta_path=args.meta_path, model=model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+        question=args.question, max_new_tokens=args.max_new_tokens, bs=args.bs,
+        skip_if_existing=args.skip_if_existing, output=args.output, device_target=args.device_target,
+        dtype=args.dtype, gather=args.gather, pad_length=args.pad_length,
+        max_row_attempts=args.max_row_attempts, video_root=args.video_root, allowed_roots=args.allowed_roots,
+        prefetch_workers=args.prefetch_workers, prefetch_batches=args.prefetch_batches,
+        log_every=args.log_every, model_options=captioner_class(model).options_from_args(args))
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=os.environ.get("CAPTION_LOG_LEVEL", "INFO"), stream=sys.stdout, force=True,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
+    info = rank_from_env()
+    setup_logging(info.rank)
+    parser = build_parser(model)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(model, args)
+    except ValueError as err:
+        parser.error(str(err))
+    if cfg.skip_if_existing and storage.exists(cfg.output):
+        log.info("output exists, skipping: %s", cfg.output)
+        return 0
+    return run(cfg, info)
+
+
+def run(cfg: RunConfig, info) -> int:
+    from captioning_core import runtime
+    from captioning_core.faults import FaultPlan
+    from captioning_core.metadata import PartitionError, read_partition
+    from captioning_core.models import captioner_class
+    from captioning_core.models.base import ModelDirError, check_model_dir
+    from captioning_core.runner import RankRunner
+
+    if "RANK_ID" in os.environ:
+        runtime.die_with_parent()
+    captioner_cls = captioner_class(cfg.model)
+    try:
+        read_partition(cfg.meta_path)
+        check_model_dir(cfg.pretrained_model_name_or_path, captioner_cls.required_files)
+    except (PartitionError, ModelDirError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    runtime.setup_device(cfg.device_target)
+    if cfg.gather == "allgather":
+        runtime.init_collective()
+    stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
+    log.info("rank stats %s", stats.to_dict())
+    return 0
+
+
+def main_qwen2vl() -> None:
+    sys.exit(main(model="qwen2vl"))
+
+
+def main_pllava() -> None:
+    sys.exit(main(model="pllava"))

@@ -1,0 +1,78 @@
+"""Run configuration: dataclasses with the seed scripts' defaults, validated in ``__post_init__``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from captioning_core import storage
+
+DEVICE_TARGETS = ("Ascend", "CPU")
+GATHER_MODES = ("none", "allgather")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class RunConfig:
+    """What every captioner shares: the partition, where results go, batching, resume and devices."""
+
+    meta_path: str
+    model: str
+    pretrained_model_name_or_path: str
+    question: str = "Describe the video in details"
+    max_new_tokens: int = 200
+    bs: int = 1
+    skip_if_existing: bool = False
+    output: str | None = None
+    device_target: str = "Ascend"
+    dtype: str | None = None
+    gather: str = "none"
+    pad_length: int = 4096
+    max_row_attempts: int = 3
+    video_root: str | None = None
+    prefetch_workers: int = 2
+    prefetch_batches: int = 2
+    log_every: float = 10.0
+    allowed_roots: list[str] = field(default_factory=list)
+    model_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.meta_path:
+            raise ValueError("meta_path is required")
+        if not self.pretrained_model_name_or_path:
+            raise ValueError("--pretrained_model_name_or_path is required")
+        if self.device_target not in DEVICE_TARGETS:
+            raise ValueError(f"--device_target must be one of {DEVICE_TARGETS}, got {self.device_target!r}")
+        if self.dtype is None:
+            self.dtype = "float16" if self.device_target == "Ascend" else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"--gather must be one of {GATHER_MODES}, got {self.gather!r}")
+        for name in ("max_new_tokens", "bs", "pad_length", "max_row_attempts", "prefetch_workers",
+                     "prefetch_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.gather == "allgather" and self.pad_length < self.max_new_tokens:
+            raise ValueError("--pad_length must be >= --max_new_tokens with --gather allgather")
+        if not self.question.strip():
+            raise ValueError("--question must not be empty")
+        if self.output is None:
+            self.output = default_output(self.meta_path, self.model)
+
+    @property
+    def parts_prefix(self) -> str:
+        """Where ranks persist finished rows: beside the output, never inside another partition's."""
+        return f"{self.output}.parts/"
+
+    @property
+    def summary_uri(self) -> str:
+        return f"{self.output}.summary.json"
+
+
+def default_output(meta_path: str, model: str) -> str:
+    """The seed's naming: ``{stem}_caption_{model}{ext}`` beside the input."""
+    stem, ext = os.path.splitext(meta_path)
+    if storage.is_s3(meta_path) and "/" not in meta_path[len(storage.S3_SCHEME):]:
+        raise ValueError(f"meta path has no key: {meta_path!r}")
+    return f"{stem}_caption_{model}{ext or '.csv'}"

@@ -1,0 +1,53 @@
+"""Fault injection for reliability drills, driven by ``CAPTION_FAULTS`` (off unless set).
+
+Syntax: comma-separated ``kind@rank:arg``. Kinds:
+- ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt.
+- ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
+- ``slow@R:S``      rank R sleeps S seconds after each journaled batch (to widen race windows).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+ENV = "CAPTION_FAULTS"
+
+
+@dataclass
+class FaultPlan:
+    kill_after_rows: int | None = None
+    oom_rows: set[int] = field(default_factory=set)
+    sleep_per_batch: float = 0.0
+
+    @classmethod
+    def from_env(cls, rank: int, env: dict[str, str] | None = None) -> FaultPlan:
+        spec = (os.environ if env is None else env).get(ENV, "")
+        plan = cls()
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            kind, _, rest = item.partition("@")
+            target, _, arg = rest.partition(":")
+            if not target or int(target) != rank:
+                continue
+            if kind == "sigkill":
+                plan.kill_after_rows = int(arg)
+            elif kind == "oom":
+                plan.oom_rows = {int(r) for r in arg.split("+") if r}
+            elif kind == "slow":
+                plan.sleep_per_batch = float(arg)
+            else:
+                raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
+        return plan
+
+    def before_generate(self, rows: list[int]) -> None:
+        hit = self.oom_rows.intersection(rows)
+        if hit:
+            raise MemoryError(f"injected out-of-memory for rows {sorted(hit)}")
+
+    def after_journal(self, rows_done: int) -> None:
+        if self.sleep_per_batch:
+            time.sleep(self.sleep_per_batch)
+        if self.kill_after_rows is not None and rows_done >= self.kill_after_rows:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,75 @@
+"""The one interface every captioner implements.
+
+``prepare`` runs in background threads (decode, sample, preprocess: CPU only, no model);
+``setup`` loads weights once; ``generate`` turns a batch of prepared videos into new token ids;
+``decode`` turns token ids into caption text. Splitting generate and decode lets the optional AllGather
+path move token ids between ranks, as the seed scripts do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from captioning_core.config import RunConfig
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing or incomplete (raised before any rank starts work)."""
+
+
+class Captioner(ABC):
+    name: ClassVar[str]
+    #: files a local model directory must hold, checked before loading
+    required_files: ClassVar[tuple[str, ...]] = ("config.json",)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional hook
+        """Model-specific CLI arguments (seed names and defaults)."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict:
+        return {}
+
+    @abstractmethod
+    def prepare(self, local_path: str) -> Any:
+        """Decode and preprocess one video; raise VideoError (or anything) for a per-row failure."""
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Load tokenizer and weights."""
+
+    @abstractmethod
+    def generate(self, batch: list[Any]) -> list[list[int]]:
+        """New token ids (prompt trimmed) for each prepared video in ``batch``."""
+
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Caption text for one row's token ids."""
+
+
+def check_model_dir(path: str, required: tuple[str, ...] = ("config.json",)) -> None:
+    """Fail early, naming what is missing, when a local model directory can't be loaded."""
+    import glob
+    import os
+
+    if not os.path.isdir(path):
+        raise ModelDirError(f"model directory not found: {path} (no model hub here: pass a local directory)")
+    missing = [name for name in required if not os.path.exists(os.path.join(path, name))]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        import json
+
+        with open(index, encoding="utf-8") as fh:
+            shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+        missing += [s for s in shards if not os.path.exists(os.path.join(path, s))]
+    elif not glob.glob(os.path.join(path, "*.safetensors")) and not glob.glob(os.path.join(path, "*.bin")):
+        missing.append("model weights (*.safetensors)")
+    if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if missing:
+        raise ModelDirError(f"model directory {path} is incomplete; missing: {', '.join(missing)}")

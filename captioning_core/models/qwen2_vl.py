@@ -1,0 +1,217 @@
+"""Qwen2-VL (2B/7B/72B-Instruct, or the project's tiny model) through mindnlp on MindSpore."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from captioning_core import runtime, video
+from captioning_core.config import RunConfig
+from captioning_core.models.base import Captioner, check_model_dir
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_TOKEN = "<|video_pad|>"
+
+
+@dataclass(frozen=True)
+class Qwen2VLOptions:
+    height: int = 448
+    width: int = 672
+    fps: float = 4.0
+    min_pixels: int = video.VIDEO_MIN_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.height < 28 or self.width < 28:
+            raise ValueError(f"--height/--width must be >= 28, got {self.height}x{self.width}")
+        if self.fps <= 0:
+            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        if not (0 < self.min_pixels <= self.height * self.width):
+            raise ValueError(f"--min_pixels must be in (0, height*width], got {self.min_pixels}")
+
+    @property
+    def max_pixels(self) -> int:
+        """The seed passes height*width as qwen-vl-utils' max_pixels: a budget, not an output size."""
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @classmethod
+    def from_model_dir(cls, path: str) -> PatchConfig:
+        cfg_path = os.path.join(path, "preprocessor_config.json")
+        if not os.path.exists(cfg_path):
+            return cls()
+        with open(cfg_path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+        return cls(int(raw.get("patch_size", 14)), int(raw.get("temporal_patch_size", 2)),
+                   int(raw.get("merge_size", 2)), tuple(raw.get("image_mean", CLIP_MEAN)),
+                   tuple(raw.get("image_std", CLIP_STD)))
+
+
+@dataclass
+class PreparedVideo:
+    pixel_values: np.ndarray  # (grid_t*grid_h*grid_w, C*tp*p*p) float32
+    grid_thw: tuple[int, int, int]
+    num_frames: int
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w // 4
+
+
+def patchify(frames: np.ndarray, pc: PatchConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalise uint8 (T, H, W, 3) frames and lay them out as Qwen2-VL's video patches.
+
+    Same arithmetic as ``Qwen2VLImageProcessor`` (rescale 1/255, normalise, repeat the last frame to a
+    multiple of the temporal patch, then the (t, h-block, w-block, merge-row, merge-col, C, tp, p, p)
+    order); checked equal to it in tests/test_qwen_preprocess.py.
+    """
+    t, h, w, c = frames.shape
+    p, tp, m = pc.patch_size, pc.temporal_patch_size, pc.merge_size
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m}")
+    x = frames.astype(np.float32) * np.float32(1 / 255)
+    x -= np.asarray(pc.image_mean, np.float32)
+    x /= np.asarray(pc.image_std, np.float32)
+    x = x.transpose(0, 3, 1, 2)  # T, C, H, W
+    if t % tp:
+        x = np.concatenate([x, np.repeat(x[-1:], tp - t % tp, axis=0)], axis=0)
+    gt, gh, gw = x.shape[0] // tp, h // p, w // p
+    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
+
+
+def sample_frames(path: str, opts: Qwen2VLOptions) -> np.ndarray:
+    """Decode the frames Qwen2-VL would see, resized to the pixel budget: uint8 (T, H', W', 3)."""
+    reader = video.open_video(path)
+    total = len(reader)
+    nframes = video.qwen_frame_count(total, float(reader.get_avg_fps() or 0.0), opts.fps)
+    indices = video.qwen_frame_indices(total, nframes)
+    frames = video.read_frames(reader, indices)
+    height, width = video.qwen_target_size(frames.shape[1], frames.shape[2], opts.max_pixels,
+                                           opts.min_pixels)
+    return video.resize_frames(frames, height, width)
+
+
+class Qwen2VLCaptioner(Captioner):
+    name = "qwen2vl"
+    required_files = ("config.json",)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.opts = Qwen2VLOptions(**cfg.model_options)
+        self.model_dir = cfg.pretrained_model_name_or_path
+        self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
+        self.model = None
+        self.tokenizer = None
+        self._prompt_head = self._prompt_tail = ""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--height", type=int, default=448,
+                            help="with --width, the pixel budget height*width per frame (default 448)")
+        parser.add_argument("--width", type=int, default=672, help="see --height (default 672)")
+        parser.add_argument("--fps", type=float, default=4, help="frames sampled per second (default 4)")
+        parser.add_argument("--min_pixels", type=int, default=video.VIDEO_MIN_PIXELS,
+                            help="lower pixel bound per frame, as qwen-vl-utils (default 128*28*28)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict:
+        return {"height": args.height, "width": args.width, "fps": args.fps, "min_pixels": args.min_pixels}
+
+    def prepare(self, local_path: str) -> PreparedVideo:
+        frames = sample_frames(local_path, self.opts)
+        pixels, grid = patchify(frames, self.patch)
+        return PreparedVideo(pixels, grid, frames.shape[0])
+
+    def setup(self) -> None:
+        check_model_dir(self.model_dir, self.required_files)
+        runtime.import_mindnlp()
+        from mindnlp.transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        template = load_chat_template(self.model_dir, self.tokenizer)
+        messages = [{"role": "user", "content": [{"type": "video"},
+                                                  {"type": "text", "text": self.cfg.question}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+        if prompt.count(VIDEO_TOKEN) != 1:
+            raise ValueError(f"chat template must place exactly one {VIDEO_TOKEN}; got {prompt!r}")
+        self._prompt_head, _, self._prompt_tail = prompt.partition(VIDEO_TOKEN)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype))
+        self.model.eval()
+        log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
+
+    def prompt_for(self, item: PreparedVideo) -> str:
+        """The chat prompt with the one video placeholder expanded to the video's token count."""
+        return self._prompt_head + VIDEO_TOKEN * item.num_tokens + self._prompt_tail
+
+    def generate(self, batch: list[PreparedVideo]) -> list[list[int]]:
+        import torch  # mindtorch under mindnlp
+
+        enc = self.tokenizer([self.prompt_for(item) for item in batch], padding=True, return_tensors="np")
+        int_dtype = np.int32 if self.cfg.device_target == "Ascend" else np.int64
+        inputs = {
+            "input_ids": torch.tensor(enc["input_ids"].astype(int_dtype)),
+            "attention_mask": torch.tensor(enc["attention_mask"].astype(int_dtype)),
+            "pixel_values_videos": torch.tensor(np.concatenate([b.pixel_values for b in batch])).to(
+                runtime.torch_dtype(self.cfg.dtype)),
+            "video_grid_thw": torch.tensor(np.asarray([b.grid_thw for b in batch], dtype=int_dtype)),
+        }
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens)
+        prompt_len = enc["input_ids"].shape[1]
+        ids = out.asnumpy() if hasattr(out, "asnumpy") else out.numpy()
+        return [trim_generated(row[prompt_len:].tolist(), self.stop_ids) for row in ids]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return {i for i in ids if i is not None}
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False).strip()
+
+
+def trim_generated(ids: list[int], stop_ids: set[int]) -> list[int]:
+    """Cut a generated row at its first stop token (eos, or padding of a shorter row in the batch)."""
+    for i, tok in enumerate(ids):
+        if tok in stop_ids:
+            return ids[:i]
+    return ids
+
+
+def load_chat_template(model_dir: str, tokenizer) -> str:
+    """The checkpoint's chat template: the tokenizer's, else ``chat_template.json``/``.jinja``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    raise ValueError(f"{model_dir}: no chat template (tokenizer_config.json, chat_template.json/.jinja)")

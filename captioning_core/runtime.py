@@ -1,0 +1,70 @@
+"""MindSpore/mindnlp process setup for one rank: device, import order, dtypes, the AllGather option."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (msrun) dies, so no rank outlives its launcher.
+
+    msrun starts each worker in a process group of its own, out of reach of a group kill aimed at msrun;
+    this closes that gap for every way msrun can die (including SIGKILL).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # pragma: no cover - non-glibc platforms
+        log.warning("could not set PR_SET_PDEATHSIG; this rank may outlive msrun")
+
+
+def setup_device(device_target: str) -> None:
+    """Select the MindSpore device before anything imports mindnlp or torch."""
+    import mindspore
+
+    mindspore.set_device(device_target)
+    if device_target == "Ascend":
+        mindspore.set_context(mode=mindspore.PYNATIVE_MODE)
+
+
+def import_mindnlp() -> None:
+    """mindnlp must be imported before anything imports torch: it redirects ``torch`` to mindtorch."""
+    if "torch" in sys.modules and "mindnlp" not in sys.modules:
+        raise RuntimeError("torch was imported before mindnlp; the model would run on real PyTorch")
+    import mindnlp  # noqa: F401
+
+
+def torch_dtype(name: str):
+    import torch  # mindtorch once mindnlp is imported
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def init_collective() -> None:
+    """Join msrun's communication group (only the AllGather option needs it)."""
+    from mindspore.communication import init
+
+    init()
+
+
+def allgather_rows(rows: list[list[int]], width: int, pad_id: int) -> list[list[int]]:
+    """AllGather fixed-width int32 rows from every rank (each rank must pass the same count).
+
+    Rows are padded with ``pad_id`` to ``width``; the caller strips padding again.
+    """
+    import mindspore as ms
+    import numpy as np
+
+    arr = np.full((len(rows), width), pad_id, dtype=np.int32)
+    for i, row in enumerate(rows):
+        arr[i, : min(len(row), width)] = row[:width]
+    gathered = ms.ops.AllGather()(ms.Tensor(arr)).asnumpy()
+    return gathered.tolist()

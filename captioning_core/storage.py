@@ -1,0 +1,213 @@
+"""Local paths and ``s3://`` URIs behind one small interface, with atomic publish.
+
+S3 endpoint and credentials come from the standard environment variables only
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``),
+never from argv. Transient S3 errors (connection refused, 5xx, throttling) are retried by botocore's
+``standard`` retry mode with exponential backoff; ``CAPTION_S3_MAX_ATTEMPTS`` sets the budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        if not is_s3(uri):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI has no bucket: {uri!r}")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.key}"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path pieces with '/' for URIs and os.path for local paths."""
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def dirname(uri: str) -> str:
+    if is_s3(uri):
+        loc = S3Location.parse(uri)
+        return f"{S3_SCHEME}{loc.bucket}/{posixpath.dirname(loc.key)}".rstrip("/")
+    return os.path.dirname(os.path.abspath(uri))
+
+
+@functools.lru_cache(maxsize=1)
+def s3_client():
+    """One boto3 client per process, configured from the environment."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        retries={"mode": "standard", "max_attempts": int(os.environ.get("CAPTION_S3_MAX_ATTEMPTS", "8"))},
+        connect_timeout=float(os.environ.get("CAPTION_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=float(os.environ.get("CAPTION_S3_READ_TIMEOUT", "60")),
+        # Path-style addressing is what self-hosted endpoints (SeaweedFS, MinIO) expect.
+        s3={"addressing_style": "path" if endpoint else "auto"},
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        config=config,
+    )
+
+
+def _error_code(err: Exception) -> str:
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def is_not_found(err: Exception) -> bool:
+    """True for a missing local file or S3 object."""
+    return isinstance(err, FileNotFoundError) or _error_code(err) in ("404", "NoSuchKey", "NotFound")
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return os.path.exists(uri)
+    from botocore.exceptions import ClientError
+
+    loc = S3Location.parse(uri)
+    try:
+        s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+        return True
+    except ClientError as err:
+        if is_not_found(err):
+            return False
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    loc = S3Location.parse(uri)
+    return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Replace the object atomically: readers see the old or the new content, never a partial one."""
+    if is_s3(uri):
+        loc = S3Location.parse(uri)
+        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)  # a single PUT is atomic
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def put_if_absent(uri: str, data: bytes) -> bool:
+    """Create the object only if nothing is there yet. Returns False if it already existed.
+
+    S3: a conditional PUT (``If-None-Match: *``). Local: write a temp file, then ``link`` it into place,
+    which fails if the name exists. Either way the object appears whole or not at all.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        loc = S3Location.parse(uri)
+        try:
+            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            if _error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def list_prefix(prefix: str) -> list[str]:
+    """Every object/file whose URI starts with ``prefix`` (a directory for local paths), sorted."""
+    if is_s3(prefix):
+        loc = S3Location.parse(prefix)
+        out: list[str] = []
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+            out.extend(f"{S3_SCHEME}{loc.bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        return sorted(out)
+    root = Path(prefix)
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def delete(uri: str) -> None:
+    if is_s3(uri):
+        loc = S3Location.parse(uri)
+        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
+def delete_prefix(prefix: str) -> None:
+    if is_s3(prefix):
+        loc = S3Location.parse(prefix)
+        keys = [S3Location.parse(u).key for u in list_prefix(prefix)]
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            s3_client().delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
+    else:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
+    """Return a local path for ``uri``: the path itself, or a fresh download into ``cache_dir``.
+
+    The second value says whether the caller owns (and should delete) the returned file.
+    """
+    if not is_s3(uri):
+        return uri, False
+    loc = S3Location.parse(uri)
+    suffix = posixpath.splitext(loc.key)[1][:16]
+    # The local name is random: nothing in the key (``..``, slashes, unicode) can steer it.
+    local = os.path.join(cache_dir, f"{uuid.uuid4().hex}{suffix}")
+    s3_client().download_file(loc.bucket, loc.key, local)
+    return local, True

@@ -1,0 +1,148 @@
+"""Qwen2-VL captioning of a real partition on SeaweedFS under real msrun with 2 CPU workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+
+from testkit.clips import ClipSpec, ensure_clip
+from testkit.partition import upload_partition
+
+pytestmark = [pytest.mark.integration, pytest.mark.msrun]
+
+TINY_ARGS = [
+    "--device_target",
+    "CPU",
+    "--height",
+    "112",
+    "--width",
+    "112",
+    "--fps",
+    "2",
+    "--min_pixels",
+    "3136",
+    "--max_new_tokens",
+    "12",
+    "--log_every",
+    "0",
+]
+
+GOOD = [
+    ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 12),
+    ClipSpec("green", "right", "circle", 640, 360, 30, 1.0, 1),
+    ClipSpec("blue", "up", "square", 426, 240, 24, 3.0, 250),
+    ClipSpec("yellow", "down", "circle", 352, 288, 25, 2.0, 12),
+    ClipSpec("red", "right", "circle", 400, 300, 30, 1.5, 30),
+    ClipSpec("green", "up", "square", 320, 240, 24, 2.0, 12),
+    ClipSpec("blue", "down", "circle", 640, 360, 25, 1.0, 12),
+    ClipSpec("yellow", "left", "square", 240, 320, 30, 2.5, 60),
+    ClipSpec("red", "down", "square", 1280, 720, 30, 1.0, 12),
+    ClipSpec("green", "left", "circle", 352, 288, 24, 4.0, 12),
+]
+BROKEN = ["zero_byte", "truncated", "garbage", "audio_only", "not_video"]
+
+
+@pytest.fixture(scope="module")
+def partition_clips(tmp_path_factory, broken_clips):
+    directory = tmp_path_factory.mktemp("partition-clips")
+    clips = [(ensure_clip(spec, directory), spec, "good") for spec in GOOD]
+    clips += [(broken_clips[kind], None, kind) for kind in BROKEN]
+    # interleave good and broken rows so both ranks get some of each
+    return clips[:5] + clips[10:12] + clips[5:10] + clips[12:]
+
+
+def read_csv_from_s3(client, uri: str):
+    import pandas as pd
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return pd.read_csv(io.BytesIO(body), dtype=str, keep_default_na=False), body
+
+
+def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_msrun, tmp_path):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "day=2026-11-22/part-0", partition_clips)
+    assert len(rows) >= 12
+    result = run_msrun(meta, *TINY_ARGS, "--bs", "2", log_dir=tmp_path / "log")
+    assert result.returncode == 0, result.tail
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
+    assert out["path"].tolist() == [r.path for r in rows]
+    assert out["aes"].tolist() == [f"{i / 7:.6f}" for i in range(len(rows))]  # pass-through untouched
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        if row.spec is not None:
+            assert (got["caption_status"], got["text"]) == ("ok", row.expected_caption), row
+            assert got["caption_error"] == ""
+        else:
+            assert got["caption_status"] == "failed", row
+            assert got["text"] == ""
+            assert got["caption_error"], row
+    summary = json.loads(
+        client.get_object(
+            Bucket=s3_bucket, Key="day=2026-11-22/part-0/meta_caption_qwen2vl.csv.summary.json"
+        )["Body"].read()
+    )
+    assert summary["rows"] == len(rows) and summary["failed"] == len(BROKEN)
+    assert {s["rank"] for s in summary["ranks"]} == {0, 1}
+    logs = result.rank_logs()
+    assert any("progress rank 0/2" in line and "ETA" in line for line in logs[0])
+    assert any("progress rank 1/2" in line for line in logs[1])
+
+    # A rerun with --skip_if_existing loads no model and returns in seconds.
+    started = time.monotonic()
+    again = run_msrun(meta, *TINY_ARGS, "--skip_if_existing", log_dir=tmp_path / "log2")
+    elapsed = time.monotonic() - started
+    assert again.returncode == 0, again.tail
+    for lines in again.rank_logs().values():
+        assert any("output exists, skipping" in line for line in lines)
+        assert not any("loaded " in line for line in lines)
+    assert elapsed < 20, elapsed
+
+
+def test_sigkilled_rank_resumes_without_loss_or_recompute(
+    s3_server, s3_bucket, partition_clips, run_msrun, tmp_path
+):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "part-kill", partition_clips[:8])
+    parts_prefix = "part-kill/meta_caption_qwen2vl.csv.parts/"
+    first = run_msrun(meta, *TINY_ARGS, log_dir=tmp_path / "log1", env={"CAPTION_FAULTS": "sigkill@1:2"})
+    assert first.returncode != 0
+    assert not _exists(client, s3_bucket, "part-kill/meta_caption_qwen2vl.csv")
+    done_before = _journaled_rows(client, s3_bucket, parts_prefix)
+    assert len(done_before) >= 2  # rank 1 journaled two rows before it died
+
+    second_started = time.time()
+    second = run_msrun(meta, *TINY_ARGS, log_dir=tmp_path / "log2")
+    assert second.returncode == 0, second.tail
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
+    assert out["path"].tolist() == [r.path for r in rows]  # nothing lost, nothing duplicated
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
+        assert (got["caption_status"], got["text"]) == expected
+    summary = json.loads(
+        client.get_object(Bucket=s3_bucket, Key="part-kill/meta_caption_qwen2vl.csv.summary.json")[
+            "Body"
+        ].read()
+    )
+    # stats from the second attempt: it skipped exactly the rows journaled before and processed the rest
+    second_attempt = [s for s in summary["ranks"] if s["started_at"] >= second_started]
+    assert len(second_attempt) == 2
+    assert sum(s["rows_skipped"] for s in second_attempt) == len(done_before)
+    assert sum(s["rows_processed"] for s in second_attempt) == len(rows) - len(done_before)
+
+
+def _exists(client, bucket: str, key: str) -> bool:
+    return client.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0 and any(
+        o["Key"] == key for o in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]
+    )
+
+
+def _journaled_rows(client, bucket: str, prefix: str) -> set[int]:
+    rows = set()
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+        if obj["Key"].endswith(".jsonl"):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+            rows.update(json.loads(line)["row"] for line in body.splitlines() if line.strip())
+    return rows

@@ -1,0 +1,98 @@
+"""Pure units: sharding, journal resolution, config validation, path safety."""
+
+from __future__ import annotations
+
+import pytest
+
+from captioning_core import journal, sharding
+from captioning_core.config import RunConfig, default_output
+from captioning_core.journal import RowResult
+from captioning_core.paths import UnsafePathError, resolve_video
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+@pytest.mark.parametrize("n", [0, 1, 5, 12, 101])
+def test_sharding_is_disjoint_covering_and_deterministic(n, world):
+    shards = [sharding.rows_for_rank(n, sharding.RankInfo(r, world)) for r in range(world)]
+    flat = [row for shard in shards for row in shard]
+    assert sorted(flat) == list(range(n))
+    assert len(flat) == len(set(flat))
+    assert shards == [sharding.rows_for_rank(n, sharding.RankInfo(r, world)) for r in range(world)]
+
+
+def test_rank_from_msrun_env():
+    assert sharding.rank_from_env({"RANK_ID": "1", "RANK_SIZE": "2"}) == sharding.RankInfo(1, 2)
+    assert sharding.rank_from_env({}) == sharding.RankInfo(0, 1)
+
+
+def test_journal_roundtrip_and_best_record(tmp_path):
+    prefix = str(tmp_path / "out.csv.parts")
+    paths = ["a.mp4", "b.mp4", "a.mp4"]
+    w1 = journal.PartWriter(prefix, rank=0)
+    w1.write(
+        [RowResult(0, "a.mp4", "failed", error="boom", attempts=1), RowResult(1, "b.mp4", "ok", "cap b")]
+    )
+    w2 = journal.PartWriter(prefix, rank=1)
+    w2.write(
+        [
+            RowResult(0, "a.mp4", "ok", "cap a", attempts=2),
+            RowResult(2, "a.mp4", "failed", error="x", attempts=3),
+        ]
+    )
+    w2.write([RowResult(2, "WRONG.mp4", "ok", "stale record from another partition")])
+    got = journal.load(prefix, paths)
+    assert got[0].text == "cap a" and got[0].attempts == 2
+    assert got[1].text == "cap b"
+    assert got[2].status == "failed" and got[2].attempts == 3
+    assert journal.is_final(got[2], max_attempts=3) and not journal.is_final(got[2], max_attempts=4)
+    journal.compact(prefix, got)
+    assert journal.load(prefix, paths) == got
+    assert len([p for p in (tmp_path / "out.csv.parts").iterdir() if p.suffix == ".jsonl"]) == 1
+
+
+def test_unicode_and_newlines_survive_the_journal(tmp_path):
+    prefix = str(tmp_path / "p")
+    rec = RowResult(0, "vidéo 1 ✓.mp4", "ok", 'line1\nline2, "quoted"')
+    journal.PartWriter(prefix, 0).write([rec])
+    assert journal.load(prefix, [rec.path]) == {0: rec}
+
+
+def _cfg(**kw):
+    base = dict(
+        meta_path="s3://b/p/meta.csv", model="qwen2vl", pretrained_model_name_or_path="m", device_target="CPU"
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_config_defaults_and_validation():
+    cfg = _cfg()
+    assert cfg.output == "s3://b/p/meta_caption_qwen2vl.csv"
+    assert cfg.dtype == "float32"
+    assert _cfg(device_target="Ascend").dtype == "float16"
+    assert default_output("/d/meta.csv", "pllava") == "/d/meta_caption_pllava.csv"
+    for bad in (
+        dict(bs=0),
+        dict(device_target="GPU"),
+        dict(gather="x"),
+        dict(question=" "),
+        dict(gather="allgather", pad_length=10, max_new_tokens=200),
+        dict(max_row_attempts=0),
+    ):
+        with pytest.raises(ValueError):
+            _cfg(**bad)
+
+
+def test_video_paths_resolve_and_reject_escapes(tmp_path):
+    cfg = _cfg(meta_path=str(tmp_path / "meta.csv"))
+    assert resolve_video("clips/a b.mp4", cfg) == str(tmp_path / "clips" / "a b.mp4")
+    s3cfg = _cfg()
+    assert resolve_video("x/y.mp4", s3cfg) == "s3://b/p/x/y.mp4"
+    assert resolve_video("s3://other/k.mp4", s3cfg) == "s3://other/k.mp4"
+    for bad in ("../etc/passwd", "a/../../b.mp4", "s3://b/p/../secret.mp4", "", "a\x00b"):
+        with pytest.raises(UnsafePathError):
+            resolve_video(bad, s3cfg)
+    jailed = _cfg(meta_path=str(tmp_path / "meta.csv"), allowed_roots=[str(tmp_path)])
+    assert resolve_video("ok.mp4", jailed)
+    with pytest.raises(UnsafePathError):
+        resolve_video("/etc/hostname", jailed)

@@ -1,0 +1,171 @@
+"""Train the tiny Qwen2-VL that tests and the demo use, with real PyTorch, and save it in HF format.
+
+The model learns to caption the synthetic clips of ``testkit.clips`` ("a red square moves left") from
+frames prepared by the production code (``captioning_core.models.qwen2_vl``), under several pixel budgets.
+It must get every held-out clip right, or the script fails.
+
+    python tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
+
+Runs under real torch: do not import mindnlp here (mindtorch computes no gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_frames  # noqa: E402
+from testkit.clips import COLORS, DIRECTIONS, SHAPES, ClipSpec, ensure_clip  # noqa: E402
+from tools.tiny_vocab import qwen_tokenizer  # noqa: E402
+
+log = logging.getLogger("train_tiny_qwen2vl")
+
+QUESTION = "Describe the video in details"
+# Pixel budgets the tiny model is trained under: the small test/demo profile and the seed default.
+PROFILES = [Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136),
+            Qwen2VLOptions(height=168, width=224, fps=2, min_pixels=3136)]
+SIZES = [(320, 240), (240, 320), (426, 240), (352, 288)]
+HELD_OUT_SIZES = [(400, 300), (640, 360)]
+
+
+def training_specs(rng: random.Random) -> list[ClipSpec]:
+    specs = []
+    for color, direction, shape in itertools.product(COLORS, DIRECTIONS, SHAPES):
+        for _ in range(2):
+            w, h = rng.choice(SIZES)
+            specs.append(ClipSpec(color, direction, shape, w, h, fps=rng.choice([24, 25, 30]),
+                                  seconds=rng.choice([1.0, 2.0, 3.0]), gop=rng.choice([1, 12, 250])))
+    return specs
+
+
+def held_out_specs(rng: random.Random) -> list[ClipSpec]:
+    return [ClipSpec(c, d, s, *rng.choice(HELD_OUT_SIZES), fps=rng.choice([24, 30]), seconds=rng.choice([1.5, 4.0]),
+                     gop=12) for c, d, s in itertools.product(COLORS, DIRECTIONS, SHAPES)]
+
+
+def build_model(tok):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tok.additional_special_tokens + [tok.pad_token, tok.eos_token]}
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False),
+        vision_config=dict(depth=2, embed_dim=48, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen2VLForConditionalGeneration(cfg)
+
+
+def prepare(path: Path, opts: Qwen2VLOptions):
+    pixels, grid = patchify(sample_frames(str(path), opts), PatchConfig())
+    return pixels, grid
+
+
+def prompt_text(tok, grid) -> str:
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt.replace("<|video_pad|>", "<|video_pad|>" * (grid[0] * grid[1] * grid[2] // 4))
+
+
+def caption(model, tok, pixels, grid) -> str:
+    import torch
+
+    enc = tok(prompt_text(tok, grid), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, pixel_values_videos=torch.tensor(pixels), video_grid_thw=torch.tensor([grid]),
+                             max_new_tokens=8, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tiny_models/qwen2vl")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip_cache", default=None, help="where to keep rendered clips (default: a temp dir)")
+    args = parser.parse_args()
+
+    import torch
+
+    if "mindnlp" in sys.modules:
+        raise SystemExit("run under real torch: mindnlp must not be imported")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    cache = Path(args.clip_cache or tempfile.mkdtemp(prefix="tiny-qwen-clips-"))
+    tok = qwen_tokenizer()
+    model = build_model(tok)
+    log.info("model parameters: %d", sum(p.numel() for p in model.parameters()))
+
+    t0 = time.time()
+    train = []
+    for spec in training_specs(rng):
+        path = ensure_clip(spec, cache)
+        for opts in PROFILES:
+            train.append((*prepare(path, opts), spec.caption))
+    held = [(ensure_clip(s, cache), s) for s in held_out_specs(rng)]
+    log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.steps, pct_start=0.1)
+    model.train()
+    t0 = time.time()
+    for step in range(args.steps):
+        pixels, grid, text = train[rng.randrange(len(train))]
+        prompt = prompt_text(tok, grid)
+        enc = tok(prompt + text + "<|im_end|>", return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[:, : len(tok(prompt)["input_ids"])] = -100
+        out = model(**enc, pixel_values_videos=torch.tensor(pixels), video_grid_thw=torch.tensor([grid]),
+                    labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            log.info("step %d loss %.4f (%.0fs)", step, float(out.loss), time.time() - t0)
+    model.eval()
+
+    wrong = []
+    for path, spec in held:
+        for opts in PROFILES:
+            got = caption(model, tok, *prepare(path, opts))
+            if got != spec.caption:
+                wrong.append((spec.filename, opts.height, got))
+    log.info("held-out: %d/%d right", 2 * len(held) - len(wrong), 2 * len(held))
+    for item in wrong:
+        log.info("wrong: %s", item)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 16
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(PatchConfig().image_mean), "image_std": list(PatchConfig().image_std),
+        "min_pixels": 3136, "max_pixels": 12845056}, indent=1))
+    log.info("saved to %s", out_dir)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
