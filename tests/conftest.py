@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Airflow, when a test imports it in this process, must not touch ~/airflow: give it a private home first.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="pytest-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 from testkit.clips import ClipSpec, broken_set, standard_set
 from testkit.pgserver import PostgresServer

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_frames  # noqa: E402

@@ -27,8 +27,8 @@ class Captioner(ABC):
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional hook
+    @classmethod  # noqa: B027 - an optional hook, empty by default
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Model-specific CLI arguments (seed names and defaults)."""
 
     @classmethod

@@ -1,0 +1,124 @@
+"""scrape -> filter -> caption -> train, one run per partition key (the logical date, or ``params.partition_key``).
+
+Wiring only: every import that is heavy or touches a service happens inside a task at run time.
+Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+
+from airflow.sdk import DAG, Asset, Param, task
+
+from operators.ascend_caption import AscendCaptionOperator
+
+S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
+DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
+MANIFEST_ASSET = Asset(name="video_training_manifest", uri="s3://curation/manifests")
+
+
+def _partition_key(context) -> str:
+    key = context["params"].get("partition_key") or context.get("ds")
+    if not key:  # a run with no logical date and no key: name it after the run
+        key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", context["run_id"])
+    return str(key)
+
+
+def _s3():
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=S3_CONN).get_conn()
+
+
+def _db():
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    return PostgresHook(postgres_conn_id=DB_CONN).get_conn()
+
+
+with DAG(
+    dag_id="video_curation",
+    description="scrape -> filter -> caption (AscendCaptionOperator, mapped per shard) -> train manifest",
+    schedule="@daily",
+    start_date=datetime(2026, 11, 1),
+    catchup=False,
+    max_active_runs=2,
+    render_template_as_native_obj=True,  # params.caption_options renders as a dict, worker_num as an int
+    tags=["video", "captioning"],
+    params={
+        "partition_key": Param(None, type=["null", "string"], description="override the run's date key"),
+        "bucket": Param("curation", type="string"),
+        "incoming_prefix": Param("incoming", type="string", description="videos land under <prefix>/<key>/"),
+        "meta_prefix": Param("meta", type="string"),
+        "manifest_prefix": Param("manifests", type="string"),
+        "shard_size": Param(500, type="integer", minimum=1),
+        "min_frames": Param(8, type="integer", minimum=1),
+        "min_fps": Param(5.0, type="number"),
+        "min_height": Param(64, type="integer"),
+        "min_width": Param(64, type="integer"),
+        "max_seconds": Param(3600.0, type="number"),
+        "model": Param("qwen2vl", enum=["qwen2vl", "pllava"]),
+        "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", "pretrained_models/Qwen2-VL-7B-Instruct"),
+                           type="string"),
+        "caption_options": Param({}, type="object", description="caption script arguments by seed name"),
+        "worker_num": Param(int(os.environ.get("CAPTION_WORKER_NUM", "2")), type="integer", minimum=1),
+    },
+) as dag:
+
+    @task
+    def scrape(**context) -> str:
+        from curation import steps
+
+        key = _partition_key(context)
+        p = context["params"]
+        conn = _db()
+        try:
+            steps.scrape(_s3(), conn, p["bucket"], f"{p['incoming_prefix']}/{key}", key)
+        finally:
+            conn.close()
+        return key
+
+    @task(task_id="filter")
+    def filter_videos(key: str, **context) -> list[dict]:
+        from curation import steps
+
+        p = context["params"]
+        conn = _db()
+        try:
+            return steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
+                                          p["meta_prefix"], int(p["shard_size"]))
+        finally:
+            conn.close()
+
+    @task(outlets=[MANIFEST_ASSET])
+    def train(key: str, captions: list[dict], **context) -> dict:
+        from curation import steps
+
+        p = context["params"]
+        conn = _db()
+        try:
+            written = steps.write_back(_s3(), conn, key, list(captions), p["model"])
+            manifest = steps.write_manifest(_s3(), conn, key, p["bucket"], p["manifest_prefix"])
+        finally:
+            conn.close()
+        manifest["captions_written"] = written
+        context["outlet_events"][MANIFEST_ASSET].extra = manifest
+        return manifest
+
+    key = scrape()
+    shards = filter_videos(key)
+    captions = AscendCaptionOperator.partial(
+        task_id="caption",
+        model="{{ params.model }}",
+        model_dir="{{ params.model_dir }}",
+        caption_options="{{ params.caption_options }}",
+        worker_num="{{ params.worker_num }}",
+        local_worker_num="{{ params.worker_num }}",
+        aws_conn_id=S3_CONN,
+        queue=os.environ.get("CAPTION_QUEUE", "ascend"),
+        map_index_template="{{ task.meta_path.split('/')[-2] }}",
+        retries=int(os.environ.get("CAPTION_RETRIES", "2")),
+    ).expand_kwargs(shards)
+    train(key, captions.output)

@@ -1,0 +1,78 @@
+"""The metadata table in PostgreSQL: apply the DDL, create a key's partition, run the named queries.
+
+Queries live in ``sql/queries/*.sql`` with named parameters; values are always bound, never formatted in.
+
+    python plugins/curation/metadb.py postgresql://user:pass@127.0.0.1:5432/db   # apply sql/schema.sql
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+TABLE = "video_meta"
+
+
+def sql_dir() -> Path:
+    """``$CAPTION_SQL_DIR``, else the repository's ``sql/`` (plugins/curation/ -> repo root)."""
+    env = os.environ.get("CAPTION_SQL_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "sql"
+
+
+@functools.cache
+def query(name: str) -> str:
+    return (sql_dir() / "queries" / f"{name}.sql").read_text(encoding="utf-8")
+
+
+def apply_schema(conn) -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute((sql_dir() / "schema.sql").read_text(encoding="utf-8"))
+
+
+def partition_table(key: str) -> str:
+    return f"{TABLE}_p_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def ensure_partition(conn, key: str) -> None:
+    """Create the LIST partition holding ``key`` if it is missing (names and values quoted by psycopg2)."""
+    from psycopg2 import sql
+
+    stmt = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
+        sql.Identifier(partition_table(key)), sql.Identifier(TABLE), sql.Literal(key))
+    with conn, conn.cursor() as cur:
+        cur.execute(stmt)
+
+
+def run(conn, name: str, params: dict | None = None) -> list[tuple]:
+    with conn, conn.cursor() as cur:
+        cur.execute(query(name), params or {})
+        return cur.fetchall() if cur.description else []
+
+
+def run_many(conn, name: str, rows: list[dict]) -> None:
+    """One transaction for all rows: all are written or none (a retry then starts clean)."""
+    from psycopg2.extras import execute_batch
+
+    with conn, conn.cursor() as cur:
+        execute_batch(cur, query(name), rows, page_size=500)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)  # noqa: T201 - CLI usage
+        return 2
+    import psycopg2
+
+    conn = psycopg2.connect(argv[0])
+    try:
+        apply_schema(conn)
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

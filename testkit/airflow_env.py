@@ -1,0 +1,76 @@
+"""A throwaway Airflow home (SQLite, 127.0.0.1 only) wired to this repo's DAGs, plugins and tiny model.
+
+Used by the end-to-end tests and the demo. Airflow is always run as a separate process (``airflow ...``)
+so that its configuration never leaks into the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_QWEN2VL = REPO / "tiny_models" / "qwen2vl"
+# Caption options that fit the tiny model on a CPU: small pixel budget, few frames, short captions.
+TINY_CAPTION_OPTIONS = {"device_target": "CPU", "height": 112, "width": 112, "fps": 2, "min_pixels": 3136,
+                        "max_new_tokens": 12, "bs": 2, "log_every": 5}
+
+
+@dataclass
+class AirflowEnv:
+    home: Path
+    s3_env: dict[str, str]
+    db_uri: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def msrun_log_root(self) -> Path:
+        return self.home / "msrun"
+
+    def env(self) -> dict[str, str]:
+        s3_conn = {"conn_type": "aws", "login": self.s3_env["AWS_ACCESS_KEY_ID"],
+                   "password": self.s3_env["AWS_SECRET_ACCESS_KEY"],
+                   "extra": {"endpoint_url": self.s3_env["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}
+        bin_dir = str(Path(sys.executable).parent)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_"))}
+        env.update({
+            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_CAPTION_S3": json.dumps(s3_conn),
+            "AIRFLOW_CONN_CURATION_DB": self.db_uri,
+            "CAPTION_MODEL_DIR": str(TINY_QWEN2VL),
+            "CAPTION_QUEUE": "default",
+            "CAPTION_MSRUN_LOG_ROOT": str(self.msrun_log_root),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.extra)
+        return env
+
+    def airflow(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(Path(sys.executable).with_name("airflow")), *args], env=self.env(),
+                              cwd=self.home, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                               f"{proc.stderr[-4000:]}")
+        return proc
+
+    def migrate(self) -> None:
+        self.airflow("db", "migrate", timeout=600)
+
+    def dags_test(self, dag_id: str, logical_date: str, conf: dict) -> subprocess.CompletedProcess:
+        return self.airflow("dags", "test", dag_id, logical_date, "-c", json.dumps(conf), check=False)

@@ -1,0 +1,56 @@
+"""AscendCaptionOperator: templating, argv building, and values that must arrive literally."""
+
+from __future__ import annotations
+
+import pytest
+
+from operators.ascend_caption import AscendCaptionOperator, caption_argv
+from operators.msrun_hook import MsrunHook, MsrunSpec, port_for
+
+HOSTILE = "x'; rm -rf / #$(touch /tmp/pwned)`id` && echo \"$HOME\" | cat > /dev/null ; *"
+
+
+def test_template_fields_render():
+    op = AscendCaptionOperator(
+        task_id="caption", meta_path="s3://b/{{ params.prefix }}/{{ ds }}/meta.csv", model="{{ params.model }}",
+        model_dir="/models/{{ params.model }}", caption_options={"question": "{{ params.q }}", "bs": 2},
+        log_dir="/logs/{{ ds_nodash }}", env={"X": "{{ params.q }}"}, worker_num="{{ params.n }}")
+    op.render_template_fields({"ds": "2026-11-22", "ds_nodash": "20261122",
+                               "params": {"prefix": "p", "model": "pllava", "q": "what?", "n": 4}})
+    assert op.meta_path == "s3://b/p/2026-11-22/meta.csv"
+    assert op.model == "pllava" and op.model_dir == "/models/pllava"
+    assert op.caption_options == {"question": "what?", "bs": 2}
+    assert op.log_dir == "/logs/20261122" and op.env == {"X": "what?"}
+    assert op.worker_num == "4"
+    assert set(AscendCaptionOperator.template_fields) >= {"meta_path", "model", "model_dir", "output_uri",
+                                                         "caption_options", "msrun_options", "log_dir", "env"}
+
+
+def test_caption_argv_is_a_list_of_literal_values():
+    argv = caption_argv({"question": HOSTILE, "bs": 2, "skip_if_existing": True, "use_lora": False,
+                         "allowed_root": ["s3://a/", "s3://b/"]})
+    assert argv == ["--question", HOSTILE, "--bs", "2", "--skip_if_existing", "--allowed_root", "s3://a/",
+                    "--allowed_root", "s3://b/"]
+    with pytest.raises(ValueError):
+        caption_argv({"bs; rm -rf /": 1})
+
+
+def test_msrun_argv_and_validation(tmp_path):
+    spec = MsrunSpec(script="/x/caption_qwen2vl.py", script_args=["s3://b/k.csv", "--question", HOSTILE],
+                     log_dir=str(tmp_path / "log"), worker_num=4, local_worker_num=2, node_rank=1,
+                     master_addr="10.0.0.5", master_port=30000)
+    argv = MsrunHook(spec, python="/venv/bin/python").build_argv()
+    assert argv[0] == "/venv/bin/msrun"
+    assert "--worker_num=4" in argv and "--local_worker_num=2" in argv and "--node_rank=1" in argv
+    assert "--master_addr=10.0.0.5" in argv and "--master_port=30000" in argv and "--join=True" in argv
+    assert argv[-4:] == ["/x/caption_qwen2vl.py", "s3://b/k.csv", "--question", HOSTILE]
+    for bad in (dict(log_dir="/tmp/a;b"), dict(log_dir="$(id)"), dict(master_addr="h;x"),
+                dict(worker_num=2, local_worker_num=3), dict(worker_num=4, local_worker_num=2)):
+        with pytest.raises(ValueError):
+            MsrunSpec(script="s.py", **{"log_dir": "l", **bad})
+
+
+def test_master_port_is_stable_per_task_and_spread():
+    ports = {port_for(f"dag/run/caption/{i}") for i in range(200)}
+    assert port_for("dag/run/caption/3") == port_for("dag/run/caption/3")
+    assert len(ports) > 190 and all(20000 <= p < 60000 for p in ports)
