@@ -86,6 +86,8 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return run_scheduler(argv, model)
     info = rank_from_env()
     setup_logging(info.rank)
     parser = build_parser(model)
@@ -122,6 +124,19 @@ def run(cfg: RunConfig, info) -> int:
         runtime.init_collective()
     stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
     log.info("rank stats %s", stats.to_dict())
+    return 0
+
+
+def run_scheduler(argv: list[str] | None, model: str) -> int:
+    """msrun also starts the script as its scheduler process. Without a collective it has nothing to do;
+    with ``--gather allgather`` it must join ``init()``, which serves the cluster until the workers finish."""
+    args, _ = build_parser(model).parse_known_args(argv)
+    if args.gather == "allgather":
+        from captioning_core import runtime
+
+        runtime.die_with_parent()
+        runtime.setup_device(args.device_target)
+        runtime.init_collective()
     return 0
 
 

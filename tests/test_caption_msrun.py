@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from testkit.clips import ClipSpec, ensure_clip
+from testkit.clips import ensure_clip
+from testkit.demo_clips import PARTITION_SPECS
 from testkit.partition import upload_partition
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
@@ -30,18 +31,7 @@ TINY_ARGS = [
     "0",
 ]
 
-GOOD = [
-    ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 12),
-    ClipSpec("green", "right", "circle", 640, 360, 30, 1.0, 1),
-    ClipSpec("blue", "up", "square", 426, 240, 24, 3.0, 250),
-    ClipSpec("yellow", "down", "circle", 352, 288, 25, 2.0, 12),
-    ClipSpec("red", "right", "circle", 400, 300, 30, 1.5, 30),
-    ClipSpec("green", "up", "square", 320, 240, 24, 2.0, 12),
-    ClipSpec("blue", "down", "circle", 640, 360, 25, 1.0, 12),
-    ClipSpec("yellow", "left", "square", 240, 320, 30, 2.5, 60),
-    ClipSpec("red", "down", "square", 1280, 720, 30, 1.0, 12),
-    ClipSpec("green", "left", "circle", 352, 288, 24, 4.0, 12),
-]
+GOOD = list(PARTITION_SPECS)
 BROKEN = ["zero_byte", "truncated", "garbage", "audio_only", "not_video"]
 
 

@@ -1,0 +1,31 @@
+"""The fixed clips that tests and the demo caption. The tiny models never train on these (held out)."""
+
+from __future__ import annotations
+
+from testkit.clips import ClipSpec
+
+# A varied partition: sizes from 240p to 720p, portrait and landscape, 24-30 fps, GOP 1 to 250.
+PARTITION_SPECS = (
+    ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 12),
+    ClipSpec("green", "right", "circle", 640, 360, 30, 1.0, 1),
+    ClipSpec("blue", "up", "square", 426, 240, 24, 3.0, 250),
+    ClipSpec("yellow", "down", "circle", 352, 288, 25, 2.0, 12),
+    ClipSpec("red", "right", "circle", 400, 300, 30, 1.5, 30),
+    ClipSpec("green", "up", "square", 320, 240, 24, 2.0, 12),
+    ClipSpec("blue", "down", "circle", 640, 360, 25, 1.0, 12),
+    ClipSpec("yellow", "left", "square", 240, 320, 30, 2.5, 60),
+    ClipSpec("red", "down", "square", 1280, 720, 30, 1.0, 12),
+    ClipSpec("green", "left", "circle", 352, 288, 24, 4.0, 12),
+)
+# What lands in the DAG's incoming prefix in the end-to-end test and the demo.
+DAG_SPECS = (
+    ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 12),
+    ClipSpec("green", "up", "circle", 352, 288, 25, 2.0, 12),
+    ClipSpec("blue", "right", "square", 400, 300, 30, 1.5, 30),
+    ClipSpec("yellow", "down", "circle", 320, 240, 24, 3.0, 12),
+    ClipSpec("red", "up", "circle", 426, 240, 24, 2.0, 12),
+    ClipSpec("blue", "left", "circle", 640, 360, 25, 2.0, 12),
+)
+SMALL_SPECS = tuple(ClipSpec(c, "left") for c in ("red", "green", "blue", "yellow"))
+
+DEMO_SPECS = tuple(dict.fromkeys(PARTITION_SPECS + DAG_SPECS + SMALL_SPECS))

@@ -1,0 +1,98 @@
+"""The whole curation DAG with `airflow dags test`: real PostgreSQL, SeaweedFS, msrun (2 CPU workers), tiny model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+
+import psycopg2
+import pytest
+
+from curation import metadb
+from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
+from testkit.clips import ensure_clip
+from testkit.demo_clips import DAG_SPECS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
+
+KEY = "2026-11-20"
+GOOD = list(DAG_SPECS)
+
+
+@pytest.fixture
+def curation_world(s3_server, pg_server, tmp_path_factory, broken_clips):
+    bucket = s3_server.create_bucket(f"curation-{uuid.uuid4().hex[:8]}")
+    client = s3_server.client()
+    clip_dir = tmp_path_factory.mktemp("e2e-clips")
+    expected = {}
+    for spec in GOOD:
+        key = f"incoming/{KEY}/{spec.filename}"
+        client.upload_file(str(ensure_clip(spec, clip_dir)), bucket, key)
+        expected[f"s3://{bucket}/{key}"] = spec.caption
+    for kind in ("garbage", "one_frame"):  # unreadable, and too short for min_frames
+        client.upload_file(str(broken_clips[kind]), bucket, f"incoming/{KEY}/{kind}.mp4")
+    client.put_object(Bucket=bucket, Key=f"incoming/{KEY}/notes.txt", Body=b"not a video")
+    dbname = f"curation_{uuid.uuid4().hex[:8]}"
+    pg_server.create_database(dbname)
+    conn = pg_server.connect(dbname)
+    metadb.apply_schema(conn)
+    env = AirflowEnv(tmp_path_factory.mktemp("airflow"), s3_server.env(), pg_server.uri_for(dbname))
+    env.migrate()
+    yield env, bucket, client, conn, expected
+    conn.close()
+
+
+def _table(conn) -> dict[str, tuple]:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT path, filter_status, text, caption_status, captioned_at, meta_uri FROM video_meta "
+                    "WHERE partition_key = %s", (KEY,))
+        return {row[0]: row[1:] for row in cur.fetchall()}
+
+
+def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
+    env, bucket, client, conn, expected = curation_world
+    conf = {"bucket": bucket, "shard_size": 3, "caption_options": TINY_CAPTION_OPTIONS}
+    first = env.dags_test("video_curation", KEY, conf)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
+
+    table = _table(conn)
+    assert len(table) == len(GOOD) + 2  # notes.txt is not a video
+    for path, caption in expected.items():
+        status, text, cap_status = table[path][0], table[path][1], table[path][2]
+        assert (status, cap_status, text) == ("kept", "ok", caption), path
+    assert table[f"s3://{bucket}/incoming/{KEY}/garbage.mp4"][0] == "unreadable"
+    assert table[f"s3://{bucket}/incoming/{KEY}/one_frame.mp4"][0] == "dropped"
+    shards = {row[4] for row in table.values() if row[4]}
+    assert len(shards) == 2  # 5 kept videos, shard_size 3
+
+    manifest_key = f"manifests/{KEY}/train_manifest.csv"
+    manifest = list(csv.DictReader(io.StringIO(client.get_object(Bucket=bucket, Key=manifest_key)["Body"]
+                                               .read().decode())))
+    assert {r["path"]: r["text"] for r in manifest} == expected
+    assert all(r["num_frames"] and r["fps"] and r["height"] and r["width"] for r in manifest)
+    msrun_runs = sorted(p for p in env.msrun_log_root.rglob("worker_0.log"))
+    assert len(msrun_runs) == 2  # one msrun per shard
+
+    # The same logical date again: nothing changes and no msrun is launched.
+    before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    second = env.dags_test("video_curation", KEY, conf)
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
+    after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert after == before
+    assert _table(conn) == table
+    assert sorted(p for p in env.msrun_log_root.rglob("worker_0.log")) == msrun_runs
+
+
+def test_schema_applies_twice(pg_database):
+    conn = psycopg2.connect(pg_database)
+    try:
+        metadb.apply_schema(conn)
+        metadb.apply_schema(conn)
+        metadb.ensure_partition(conn, "k'; DROP TABLE video_meta; --")
+        metadb.run(conn, "register", {"partition_key": "k'; DROP TABLE video_meta; --", "path": "s3://b/x.mp4",
+                                      "size_bytes": 1})
+        rows = metadb.run(conn, "select_partition", {"partition_key": "k'; DROP TABLE video_meta; --"})
+        assert [r[0] for r in rows] == ["s3://b/x.mp4"]
+    finally:
+        conn.close()
