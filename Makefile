@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint demo train-tiny clean
+.PHONY: setup test test-fast lint demo train-tiny clean db-init
 
 setup:
 	bash scripts/setup.sh
@@ -25,3 +25,7 @@ train-tiny: setup
 
 clean:
 	rm -rf .pytest_cache build *.egg-info
+
+db-init: setup
+	@test -n "$(DB_URI)" || { echo "usage: make db-init DB_URI=postgresql://user:pass@host:5432/db"; exit 2; }
+	$(PY) plugins/curation/metadb.py "$(DB_URI)"
