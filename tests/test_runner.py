@@ -1,0 +1,205 @@
+"""The rank runner on real S3 and real decord, with a small deterministic model in place of a VLM.
+
+``ColourCaptioner`` really decodes each clip (the production Qwen2-VL sampling) and names the shape's colour,
+so these tests run in seconds and still check that each row gets the caption of its own video. The real
+models are exercised under msrun in tests/test_caption_msrun.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from captioning_core import journal
+from captioning_core.config import RunConfig
+from captioning_core.faults import FaultPlan
+from captioning_core.metadata import PartitionError
+from captioning_core.models.base import Captioner
+from captioning_core.models.qwen2_vl import Qwen2VLOptions, sample_frames
+from captioning_core.runner import RankRunner
+from captioning_core.sharding import RankInfo
+from testkit.clips import COLORS, ensure_clip
+from testkit.demo_clips import PARTITION_SPECS
+from testkit.partition import Row, meta_csv, upload_partition
+
+pytestmark = pytest.mark.integration
+WORDS = list(COLORS)
+
+
+class ColourCaptioner(Captioner):
+    """Names the colour of the brightest pixels; token ids are indices into WORDS."""
+
+    name = "colour"
+    generate_calls: list[int] = []
+
+    def prepare(self, local_path: str) -> np.ndarray:
+        frames = sample_frames(local_path, Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136))
+        lit = frames.reshape(-1, 3)[frames.reshape(-1, 3).max(axis=1) > 128].astype(int)
+        rgb = tuple(int(v > 128) for v in lit.mean(axis=0))
+        return {(1, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 3}[rgb]
+
+    def setup(self) -> None:
+        self.tokenizer = None
+
+    def generate(self, batch: list) -> list[list[int]]:
+        ColourCaptioner.generate_calls.append(len(batch))
+        return [[item] for item in batch]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return WORDS[token_ids[0]]
+
+
+@pytest.fixture
+def clips(tmp_path_factory, broken_clips):
+    directory = tmp_path_factory.mktemp("runner-clips")
+    good = [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
+    return good[:3] + [(broken_clips["garbage"], None, "garbage")] + good[3:] + [
+        (broken_clips["zero_byte"], None, "zero_byte")]
+
+
+def _cfg(meta: str, **kw) -> RunConfig:
+    return RunConfig(meta_path=meta, model="colour", pretrained_model_name_or_path="unused", device_target="CPU",
+                     log_every=0, **kw)
+
+
+def _run(cfg: RunConfig, world: int = 1, faults: FaultPlan | None = None) -> list:
+    return [RankRunner(cfg, RankInfo(r, world), ColourCaptioner(cfg), faults or FaultPlan()).run()
+            for r in range(world)]
+
+
+def _output(client, uri: str) -> pd.DataFrame:
+    bucket, _, key = uri[5:].partition("/")
+    return pd.read_csv(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()), dtype=str,
+                       keep_default_na=False)
+
+
+def _expected(rows: list[Row]) -> list[tuple[str, str]]:
+    return [("ok", r.spec.color) if r.spec else ("failed", "") for r in rows]
+
+
+def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips, relative=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env().items():
+            mp.setenv(k, v)
+        from captioning_core import storage
+
+        storage.s3_client.cache_clear()
+        cfg = _cfg(meta, bs=2)
+        stats = _run(cfg, world=2)
+    out = _output(client, cfg.output)
+    assert out["path"].tolist() == [r.path for r in rows]
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    errors = dict(zip(out["path"], out["caption_error"], strict=True))
+    assert "cannot open video" in errors["videos/garbage.mp4"]
+    assert sum(s.rows_processed for s in stats) == len(rows)
+    summary = json.loads(client.get_object(Bucket=s3_bucket, Key="p/meta_caption_colour.csv.summary.json")
+                         ["Body"].read())
+    assert (summary["rows"], summary["captioned"], summary["failed"]) == (8, 6, 2)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    from captioning_core import storage
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    storage.s3_client.cache_clear()
+    yield
+    storage.s3_client.cache_clear()
+
+
+def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips)
+    cfg = _cfg(meta)
+    # attempt 1: rank 0 of 3 finishes its rows, ranks 1 and 2 never run
+    _run_rank = RankRunner(cfg, RankInfo(0, 3), ColourCaptioner(cfg)).run()
+    assert _run_rank.rows_processed == 3
+    assert not _exists(client, cfg.output)
+    # attempt 2 with 2 ranks: rows 0 and 6 are done; row 3 (garbage) failed once, so it is tried again
+    stats = _run(cfg, world=2)
+    assert sum(s.rows_skipped for s in stats) == 2
+    assert sum(s.rows_processed for s in stats) == len(rows) - 2
+    assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 2
+    out = _output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+
+
+def test_failed_rows_are_retried_up_to_the_limit(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips)
+    cfg = _cfg(meta, max_row_attempts=2)
+    first = _run(cfg)[0]
+    second = _run(cfg)[0]  # no skip_if_existing: rerun retries the 2 failed rows only
+    third = _run(cfg)[0]   # both have failed twice now: nothing left to do, no model work
+    assert (first.rows_processed, second.rows_processed, third.rows_processed) == (8, 2, 0)
+    results = journal.load(cfg.parts_prefix, [r.path for r in rows])
+    assert sorted(r.attempts for r in results.values() if r.status == "failed") == [2, 2]
+
+
+def test_oom_batch_is_retried_row_by_row(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips)
+    cfg = _cfg(meta, bs=4)
+    ColourCaptioner.generate_calls = []
+    _run(cfg, faults=FaultPlan(oom_rows={1}))
+    out = _output(client, cfg.output)
+    assert out.loc[1, "caption_status"] == "failed" and "out-of-memory" in out.loc[1, "caption_error"]
+    others = [(s, t) for i, (s, t) in enumerate(zip(out["caption_status"], out["text"], strict=True)) if i != 1]
+    assert others == [e for i, e in enumerate(_expected(rows)) if i != 1]
+    assert 1 in ColourCaptioner.generate_calls  # the batch holding row 1 went again one row at a time
+
+
+def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    _, rows = upload_partition(client, s3_bucket, "p", clips[:2])
+    key = "p/dups.csv"
+    client.put_object(Bucket=s3_bucket, Key=key, Body=meta_csv([rows[0], rows[1], rows[0], rows[0]]))
+    cfg = _cfg(f"s3://{s3_bucket}/{key}")
+    stats = _run(cfg, world=2)
+    out = _output(client, cfg.output)
+    assert out["path"].tolist() == [rows[0].path, rows[1].path, rows[0].path, rows[0].path]
+    assert set(out["caption_status"]) == {"ok"} and sum(s.rows_processed for s in stats) == 4
+
+
+def test_empty_partition_publishes_an_empty_output(s3_server, s3_bucket, s3_env):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="e/meta.csv", Body=b"path,aes\n")
+    cfg = _cfg(f"s3://{s3_bucket}/e/meta.csv")
+    _run(cfg, world=2)
+    out = _output(client, cfg.output)
+    assert len(out) == 0 and list(out.columns) == ["path", "aes", "text", "caption_status", "caption_error"]
+
+
+def test_meta_without_path_column_fails_up_front(s3_server, s3_bucket, s3_env):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="bad/meta.csv", Body=b"video,aes\na.mp4,1\n")
+    cfg = _cfg(f"s3://{s3_bucket}/bad/meta.csv")
+    with pytest.raises(PartitionError, match="no 'path' column"):
+        RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg)).run()
+
+
+def test_missing_objects_and_escapes_fail_per_row(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    _, rows = upload_partition(client, s3_bucket, "p", clips[:1])
+    bad = [Row(f"s3://{s3_bucket}/p/videos/missing.mp4", None), Row("../../etc/passwd", None),
+           Row("/etc/hostname", None), Row("videos/with space ünïcode.mp4", None)]
+    client.put_object(Bucket=s3_bucket, Key="p/meta2.csv", Body=meta_csv(rows + bad))
+    cfg = _cfg(f"s3://{s3_bucket}/p/meta2.csv", allowed_roots=[f"s3://{s3_bucket}/p/"])
+    _run(cfg)
+    out = _output(client, cfg.output)
+    assert out["caption_status"].tolist() == ["ok", "failed", "failed", "failed", "failed"]
+    errors = out["caption_error"].tolist()
+    assert "not found" in errors[1] and "'..'" in errors[2] and "outside the allowed roots" in errors[3]
+    assert "not found" in errors[4]
+
+
+def _exists(client, uri: str) -> bool:
+    bucket, _, key = uri[5:].partition("/")
+    return any(o["Key"] == key for o in client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", []))
