@@ -120,8 +120,6 @@ def run(cfg: RunConfig, info) -> int:
         log.error("%s", err)
         return EXIT_BAD_INPUT
     runtime.setup_device(cfg.device_target)
-    if cfg.gather == "allgather":
-        runtime.init_collective()
     stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
     log.info("rank stats %s", stats.to_dict())
     return 0

@@ -280,6 +280,10 @@ class RankRunner:
         from captioning_core import runtime
 
         self._write_stats(stats)
+        if self.info.rank == 0 and getattr(self.captioner, "tokenizer", None) is None:
+            self.captioner.setup()  # rank 0 decodes every rank's ids; load before joining the group
+        # Joined only now: mindnlp's from_pretrained refuses to load inside an initialised group.
+        runtime.init_collective()
         pad = int(getattr(getattr(self.captioner, "tokenizer", None), "pad_token_id", None) or 0)
         counts = runtime.allgather_rows([[len(gathered)]], 1, 0)
         most = max(c[0] for c in counts)
@@ -292,8 +296,6 @@ class RankRunner:
         for row, ok, n, *ids in everything:
             if row >= 0 and ok:
                 decoded[row] = ids[:n]
-        if decoded and not getattr(self.captioner, "tokenizer", None):
-            self.captioner.setup()
         publish(self.cfg, partition, overrides={r: self.captioner.decode(i) for r, i in decoded.items()})
         return stats
 

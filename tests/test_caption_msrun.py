@@ -136,3 +136,18 @@ def _journaled_rows(client, bucket: str, prefix: str) -> set[int]:
             body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
             rows.update(json.loads(line)["row"] for line in body.splitlines() if line.strip())
     return rows
+
+
+def test_seed_allgather_path(s3_server, s3_bucket, partition_clips, run_msrun, tmp_path):
+    """--gather allgather: token ids AllGathered over msrun's group, rank 0 decodes and publishes."""
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "part-ag", partition_clips[:6])
+    result = run_msrun(meta, *TINY_ARGS, "--gather", "allgather", "--pad_length", "64", log_dir=tmp_path / "log")
+    assert result.returncode == 0, result.tail
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
+        assert (got["caption_status"], got["text"]) == expected
+    logs = result.rank_logs()
+    assert any("published" in line for line in logs[0])
+    assert not any("published" in line for line in logs[1])
