@@ -74,6 +74,13 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
     msrun_runs = sorted(p for p in env.msrun_log_root.rglob("worker_0.log"))
     assert len(msrun_runs) == 2  # one msrun per shard
 
+    # Credentials reach the ranks through their environment only: never a log, argv, XCom or the Airflow DB.
+    secret = env.s3_env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in first.stdout + first.stderr
+    for path in [*env.msrun_log_root.rglob("*"), env.home / "airflow.db", *env.home.glob("logs/**/*")]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
     # The same logical date again: nothing changes and no msrun is launched.
     before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     second = env.dags_test("video_curation", KEY, conf)

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -133,7 +133,8 @@ class Qwen2VLCaptioner(Captioner):
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        return {"height": args.height, "width": args.width, "fps": args.fps, "min_pixels": args.min_pixels}
+        opts = Qwen2VLOptions(height=args.height, width=args.width, fps=args.fps, min_pixels=args.min_pixels)
+        return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:
         frames = sample_frames(local_path, self.opts)

@@ -1,0 +1,51 @@
+"""The caption CLI: every seed argument is listed, and every argument it accepts reaches the run config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from captioning_core.cli import build_parser, config_from_args
+
+SEED_ARGS = ["--pretrained_model_name_or_path", "--question", "--max_new_tokens", "--height", "--width", "--fps",
+             "--bs", "--skip_if_existing", "--output", "--device_target", "--gather", "--pad_length"]
+# a value different from the default for each option, to show it changes the run
+CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "max_new_tokens": "17", "bs": "3",
+           "output": "s3://b/o.csv", "device_target": "CPU", "dtype": "bfloat16", "gather": "allgather",
+           "pad_length": "512", "max_row_attempts": "5", "video_root": "s3://b/v", "allowed_roots": "s3://b/",
+           "prefetch_workers": "4", "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336",
+           "fps": "2", "min_pixels": "6272"}
+
+
+def test_help_lists_the_seed_arguments():
+    out = subprocess.run([sys.executable, "-m", "captioning_core.caption_qwen2vl", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for arg in SEED_ARGS:
+        assert arg in out.stdout, arg
+    assert "S3" not in out.stdout or "AWS_SECRET_ACCESS_KEY" not in out.stdout.split("--")[0]
+
+
+def test_every_option_reaches_the_config():
+    parser = build_parser("qwen2vl")
+    base = config_from_args("qwen2vl", parser.parse_args(["s3://b/meta.csv"]))
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        if action.dest == "skip_if_existing":
+            argv = ["s3://b/meta.csv", "--skip_if_existing"]
+        else:
+            assert action.dest in CHANGED, f"add a changed value for --{action.dest}"
+            argv = ["s3://b/meta.csv", action.option_strings[0], CHANGED[action.dest]]
+        cfg = config_from_args("qwen2vl", parser.parse_args(argv))
+        assert cfg != base, f"--{action.dest} does not change the run config"
+
+
+def test_bad_values_fail_loudly():
+    parser = build_parser("qwen2vl")
+    for argv in (["m.csv", "--bs", "0"], ["m.csv", "--device_target", "GPU"], ["m.csv", "--fps", "0"],
+                 ["m.csv", "--height", "10"]):
+        with pytest.raises((SystemExit, ValueError)):
+            config_from_args("qwen2vl", parser.parse_args(argv))
