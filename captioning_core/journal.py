@@ -28,6 +28,8 @@ class RowResult:
     text: str = ""
     error: str = ""
     attempts: int = 1
+    tokens: int = 0  # generated tokens (a caption at max_new_tokens was probably cut off)
+    thumb: bool = False  # a thumbnail strip was written for the gallery
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -36,7 +38,8 @@ class RowResult:
     def from_json(cls, line: str) -> RowResult:
         raw = json.loads(line)
         return cls(int(raw["row"]), str(raw["path"]), str(raw["status"]), str(raw.get("text", "")),
-                   str(raw.get("error", "")), int(raw.get("attempts", 1)))
+                   str(raw.get("error", "")), int(raw.get("attempts", 1)), int(raw.get("tokens", 0)),
+                   bool(raw.get("thumb", False)))
 
 
 def is_final(result: RowResult | None, max_attempts: int) -> bool:

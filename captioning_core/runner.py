@@ -20,9 +20,9 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from captioning_core import journal, metadata, storage
+from captioning_core import gallery, journal, metadata, storage
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import RowResult
@@ -85,13 +85,15 @@ class Prepared:
     item: object = None
     error: str = ""
     seconds: float = 0.0
+    thumb: bytes | None = None
 
 
 class JournalWriter:
     """Writes journal parts on a background thread; errors surface on the next call or on close."""
 
-    def __init__(self, writer: journal.PartWriter, faults: FaultPlan) -> None:
+    def __init__(self, writer: journal.PartWriter, faults: FaultPlan, thumbs_prefix: str) -> None:
         self._writer = writer
+        self._thumbs_prefix = thumbs_prefix
         self._faults = faults
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._error: BaseException | None = None
@@ -101,20 +103,23 @@ class JournalWriter:
 
     def _loop(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            batch, thumbs = item
             try:
                 if self._error is None:
+                    for row, data in thumbs.items():  # before the rows that point at them
+                        storage.write_bytes(storage.join(self._thumbs_prefix, gallery.thumb_name(row)), data)
                     self._writer.write(batch)
                     self.rows_written += len(batch)
                     self._faults.after_journal(self.rows_written)
             except BaseException as err:  # surfaced to the main thread
                 self._error = err
 
-    def put(self, results: list[RowResult]) -> None:
+    def put(self, results: list[RowResult], thumbs: dict[int, bytes] | None = None) -> None:
         self._raise()
-        self._queue.put(list(results))
+        self._queue.put((list(results), dict(thumbs or {})))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -159,7 +164,8 @@ class RankRunner:
     def _caption_rows(self, partition: Partition, pending: list[int], previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
         cfg = self.cfg
-        writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults)
+        writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
+                               gallery.gallery_prefix(cfg.output))
         progress = Progress(self.info, len(pending), cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         t0 = time.perf_counter()
@@ -176,12 +182,12 @@ class RankRunner:
                 batch.append(prep)
                 if len(batch) >= cfg.bs:
                     results = self._caption_batch(batch, previous, stats, gathered)
-                    writer.put(results)
+                    writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                     self._account(results, stats, progress, t0)
                     batch = []
             if batch:
                 results = self._caption_batch(batch, previous, stats, gathered)
-                writer.put(results)
+                writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                 self._account(results, stats, progress, t0)
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -222,6 +228,9 @@ class RankRunner:
             uri = resolve_video(path, self.cfg)
             local, owned = storage.fetch_to_local(uri, cache_dir)
             prep.item = self.captioner.prepare(local)
+            frames = self.captioner.thumbnail_frames(prep.item)
+            if frames is not None and len(frames):
+                prep.thumb = gallery.thumbnail_strip(frames)
         except Exception as err:  # any per-row problem becomes that row's failure
             if storage.is_not_found(err):
                 prep.error = f"video not found: {path}"
@@ -250,7 +259,7 @@ class RankRunner:
         for prep, row_ids in zip(batch, ids, strict=True):
             gathered.append((prep.row, 1, row_ids))
             results.append(RowResult(prep.row, prep.path, STATUS_OK, self.captioner.decode(row_ids),
-                                     "", self._attempt(prep.row, previous)))
+                                     "", self._attempt(prep.row, previous), len(row_ids), prep.thumb is not None))
         return results
 
     def _generate(self, batch: list[Prepared], stats: RankStats) -> list[list[int]]:
@@ -268,7 +277,8 @@ class RankRunner:
 
     def _failed(self, prep: Prepared, error: str, previous: dict) -> RowResult:
         log.warning("rank %d: row %d failed: %s", self.info.rank, prep.row, error)
-        return RowResult(prep.row, prep.path, STATUS_FAILED, "", error, self._attempt(prep.row, previous))
+        return RowResult(prep.row, prep.path, STATUS_FAILED, "", error, self._attempt(prep.row, previous),
+                         thumb=prep.thumb is not None)
 
     # -- endings --------------------------------------------------------------------------------------
     def _write_stats(self, stats: RankStats) -> None:
@@ -313,7 +323,7 @@ def publish(cfg: RunConfig, partition: Partition, overrides: dict[int, str] | No
         return False
     for row, text in (overrides or {}).items():
         if results[row].status == STATUS_OK:
-            results[row] = RowResult(row, results[row].path, STATUS_OK, text, "", results[row].attempts)
+            results[row] = replace(results[row], text=text)
     table = metadata.merge_results(partition, results)
     body = metadata.serialise(table, cfg.output)
     if cfg.skip_if_existing:
@@ -322,12 +332,29 @@ def publish(cfg: RunConfig, partition: Partition, overrides: dict[int, str] | No
         storage.write_bytes(cfg.output, body)
         published = True
     if published:
+        ranks = _load_rank_stats(cfg)
         summary = {"output": cfg.output, "meta_path": cfg.meta_path, "model": cfg.model,
-                   **journal.counts(results), "ranks": _load_rank_stats(cfg)}
+                   **journal.counts(results), **_latest_attempt(ranks), "ranks": ranks}
         storage.write_bytes(cfg.summary_uri, json.dumps(summary, indent=1).encode())
+        rows = [gallery.GalleryRow(r, res.path, res.status, res.text, res.error, res.tokens, res.thumb)
+                for r, res in sorted(results.items())]
+        index = gallery.write_gallery(cfg.output, rows, summary, cfg.max_new_tokens)
         journal.compact(cfg.parts_prefix, results)
-        log.info("published %s (%s)", cfg.output, journal.counts(results))
+        log.info("published %s (%s); gallery %s", cfg.output, journal.counts(results), index)
     return published
+
+
+def _latest_attempt(ranks: list[dict]) -> dict:
+    """Rows skipped, rate and model-busy fraction of the most recent attempt (newest stats per rank)."""
+    newest: dict[int, dict] = {}
+    for stat in ranks:
+        if stat["rank"] not in newest or stat.get("started_at", 0) > newest[stat["rank"]].get("started_at", 0):
+            newest[stat["rank"]] = stat
+    latest = list(newest.values())
+    wall = sum(s.get("wall_seconds", 0.0) for s in latest)
+    return {"skipped": sum(s.get("rows_skipped", 0) for s in latest),
+            "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in latest), 3),
+            "model_busy": round(sum(s.get("busy_seconds", 0.0) for s in latest) / wall, 3) if wall else None}
 
 
 def _load_rank_stats(cfg: RunConfig) -> list[dict]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -36,18 +36,19 @@ class ColourCaptioner(Captioner):
     name = "colour"
     generate_calls: list[int] = []
 
-    def prepare(self, local_path: str) -> np.ndarray:
+    def prepare(self, local_path: str) -> SimpleNamespace:
         frames = sample_frames(local_path, Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136))
         lit = frames.reshape(-1, 3)[frames.reshape(-1, 3).max(axis=1) > 128].astype(int)
         rgb = tuple(int(v > 128) for v in lit.mean(axis=0))
-        return {(1, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 3}[rgb]
+        colour = {(1, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 3}[rgb]
+        return SimpleNamespace(colour=colour, thumb_frames=frames)
 
     def setup(self) -> None:
         self.tokenizer = None
 
     def generate(self, batch: list) -> list[list[int]]:
         ColourCaptioner.generate_calls.append(len(batch))
-        return [[item] for item in batch]
+        return [[item.colour] for item in batch]
 
     def decode(self, token_ids: list[int]) -> str:
         return WORDS[token_ids[0]]
@@ -101,6 +102,10 @@ def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
     summary = json.loads(client.get_object(Bucket=s3_bucket, Key="p/meta_caption_colour.csv.summary.json")
                          ["Body"].read())
     assert (summary["rows"], summary["captioned"], summary["failed"]) == (8, 6, 2)
+    index = client.get_object(Bucket=s3_bucket, Key="p/meta_caption_colour.csv.gallery/index.html")["Body"].read()
+    assert index.count(b"<tr data-row=") == 8 and b"cannot open video" in index
+    thumbs = client.list_objects_v2(Bucket=s3_bucket, Prefix="p/meta_caption_colour.csv.gallery/thumbs/")
+    assert len(thumbs["Contents"]) == 6  # one strip per decodable video
 
 
 @pytest.fixture

@@ -51,6 +51,10 @@ class Captioner(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """Caption text for one row's token ids."""
 
+    def thumbnail_frames(self, item: Any):
+        """A few uint8 (T, H, W, 3) frames of a prepared video for the gallery, or None."""
+        return getattr(item, "thumb_frames", None)
+
 
 def check_model_dir(path: str, required: tuple[str, ...] = ("config.json",)) -> None:
     """Fail early, naming what is missing, when a local model directory can't be loaded."""

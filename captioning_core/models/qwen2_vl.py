@@ -67,6 +67,7 @@ class PreparedVideo:
     pixel_values: np.ndarray  # (grid_t*grid_h*grid_w, C*tp*p*p) float32
     grid_thw: tuple[int, int, int]
     num_frames: int
+    thumb_frames: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -139,7 +140,8 @@ class Qwen2VLCaptioner(Captioner):
     def prepare(self, local_path: str) -> PreparedVideo:
         frames = sample_frames(local_path, self.opts)
         pixels, grid = patchify(frames, self.patch)
-        return PreparedVideo(pixels, grid, frames.shape[0])
+        picks = np.linspace(0, len(frames) - 1, min(4, len(frames))).round().astype(int)
+        return PreparedVideo(pixels, grid, frames.shape[0], frames[picks])
 
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)

@@ -1,0 +1,45 @@
+"""Gallery pages: pagination, escaping, suspicious-caption flags."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from captioning_core import gallery
+
+
+def _rows(n: int) -> list[gallery.GalleryRow]:
+    return [gallery.GalleryRow(i, f"s3://b/v/{i}.mp4", "ok", f"a red square moves left {i}", "", 6, True)
+            for i in range(n)]
+
+
+def test_pages_hold_at_most_page_size_rows_and_link_each_other():
+    pages = gallery.render_pages(_rows(10_000), {"rows": 10_000, "captioned": 10_000, "output": "s3://b/o.csv"}, 200)
+    assert len(pages) == 100 and "index.html" in pages and "page-0100.html" in pages
+    assert all(page.count("<tr data-row=") == gallery.PAGE_SIZE for page in pages.values())
+    assert max(len(p) for p in pages.values()) < 100_000  # each page stays small to open
+    assert 'href="page-0002.html"' in pages["index.html"] and 'loading="lazy"' in pages["index.html"]
+
+
+def test_captions_and_errors_are_escaped():
+    rows = [gallery.GalleryRow(0, "<script>x</script>.mp4", "ok", "<img src=x onerror=alert(1)>", "", 3, False),
+            gallery.GalleryRow(1, "b.mp4", "failed", "", "bad <b>bytes</b>", 0, False)]
+    page = gallery.render_pages(rows, {}, 200)["index.html"]
+    assert "<script>x" not in page and "<img src=x" not in page and "&lt;b&gt;bytes" in page
+
+
+def test_flags():
+    assert gallery.caption_flags("", "ok", 0, 200) == ["empty"]
+    assert gallery.caption_flags("a cat", "ok", 200, 200) == ["cut off"]
+    assert gallery.caption_flags("the dog runs the dog runs the dog runs the dog runs", "ok", 12, 200) == ["repetitive"]
+    assert gallery.caption_flags("a red square moves left across a black frame", "ok", 9, 200) == []
+    assert gallery.caption_flags("", "failed", 0, 200) == []
+
+
+def test_thumbnail_strip_is_a_jpeg_of_the_requested_height():
+    import io
+
+    from PIL import Image
+
+    frames = np.zeros((8, 90, 160, 3), np.uint8)
+    img = Image.open(io.BytesIO(gallery.thumbnail_strip(frames)))
+    assert img.format == "JPEG" and img.height == gallery.THUMB_HEIGHT and img.width == 4 * 128
