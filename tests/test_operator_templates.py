@@ -54,3 +54,26 @@ def test_master_port_is_stable_per_task_and_spread():
     ports = {port_for(f"dag/run/caption/{i}") for i in range(200)}
     assert port_for("dag/run/caption/3") == port_for("dag/run/caption/3")
     assert len(ports) > 190 and all(20000 <= p < 60000 for p in ports)
+
+
+def test_gallery_view_only_serves_caption_objects():
+    from caption_gallery_plugin import allowed_key
+
+    assert allowed_key("p/meta_caption_qwen2vl.csv.gallery/index.html")
+    assert allowed_key("p/meta_caption_qwen2vl.csv.gallery/thumbs/00000001.jpg")
+    assert allowed_key("p/meta_caption_qwen2vl.csv") and allowed_key("p/meta_caption_qwen2vl.csv.summary.json")
+    for key in ("p/meta.csv", "p/videos/a.mp4", "p/x.gallery/../../secret.csv", "/etc/passwd",
+                "p/meta_caption_qwen2vl.csv.parts/x.jsonl", "p/meta_caption_qwen2vl.csv.lease"):
+        assert not allowed_key(key), key
+
+
+def test_extra_links_point_at_the_gallery_view():
+    from operators.ascend_caption import CaptionGalleryLink, CaptionOutputLink
+
+    op = AscendCaptionOperator(task_id="caption", meta_path="s3://b/p/meta.csv", model_dir="/m",
+                               aws_conn_id="caption_s3")
+    assert CaptionGalleryLink().get_link(op, ti_key=None) == ""  # nothing before the task ran
+    op.output_uri = "s3://b/p/meta_caption_qwen2vl.csv"
+    assert CaptionGalleryLink().get_link(op, ti_key=None).endswith(
+        "/caption-gallery/caption_s3/b/p/meta_caption_qwen2vl.csv.gallery/index.html")
+    assert CaptionOutputLink().get_link(op, ti_key=None).endswith("/caption-gallery/caption_s3/b/p/meta_caption_qwen2vl.csv")

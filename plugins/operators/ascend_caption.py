@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import AssetAlias, BaseOperator, Context
+from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
 from operators.lease import S3Lease
 from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port, port_for
@@ -51,6 +51,41 @@ def caption_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+def gallery_url(conn_id: str, uri: str, suffix: str = "") -> str:
+    """Path of an S3 object under the API server's ``/caption-gallery`` view (caption_gallery_plugin)."""
+    from urllib.parse import quote, urlsplit
+
+    from airflow.configuration import conf
+
+    bucket, key = split_s3(uri)
+    root = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+    return f"{root}/caption-gallery/{quote(conn_id)}/{quote(bucket)}/{quote(key + suffix)}"
+
+
+class CaptionGalleryLink(BaseOperatorLink):
+    """The partition's caption gallery (thumbnails, captions, failures, summary)."""
+
+    name = "Caption gallery"
+
+    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
+        uri = getattr(operator, "output_uri", None)
+        if not uri or not str(uri).startswith("s3://"):
+            return ""
+        return gallery_url(operator.aws_conn_id or "caption_s3", uri, ".gallery/index.html")
+
+
+class CaptionOutputLink(BaseOperatorLink):
+    """The partition's output CSV."""
+
+    name = "Caption output"
+
+    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
+        uri = getattr(operator, "output_uri", None)
+        if not uri or not str(uri).startswith("s3://"):
+            return ""
+        return gallery_url(operator.aws_conn_id or "caption_s3", uri)
+
+
 class AscendCaptionOperator(BaseOperator):
     """Caption every video of one meta partition with Qwen2-VL or PLLaVA under msrun.
 
@@ -78,6 +113,7 @@ class AscendCaptionOperator(BaseOperator):
                                       "worker_num", "local_worker_num", "msrun_options", "log_dir", "env")
     template_fields_renderers = {"caption_options": "json", "msrun_options": "json", "env": "json"}
     ui_color = "#e8f1d4"
+    operator_extra_links = (CaptionGalleryLink(), CaptionOutputLink())
 
     def __init__(self, *, meta_path: str, model: str = "qwen2vl", model_dir: str, output_uri: str | None = None,
                  caption_options: dict[str, Any] | None = None, skip_if_existing: bool = True,
