@@ -10,6 +10,7 @@ log() { printf '[setup] %s\n' "$*"; }
 
 apt_missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || apt_missing+=(postgresql)
+command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
     log "need Debian packages ${apt_missing[*]} but cannot install them (not root, no sudo)"; exit 1

@@ -1,0 +1,147 @@
+"""Airflow's long-running components (api-server, scheduler, dag-processor) on 127.0.0.1, stopped by PID.
+
+Used by the UI test and ``demo --ui``. The metadata DB is PostgreSQL (LocalExecutor runs tasks in parallel,
+which SQLite can't serve), the executor is LocalExecutor, and the simple auth manager lets everyone in as
+admin, so only bind to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testkit.airflow_env import AirflowEnv
+from testkit.ports import free_port
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("api-server", "scheduler", "dag-processor")
+
+
+@dataclass
+class AirflowServices:
+    env: AirflowEnv
+    pg_uri: str  # postgresql://user:pass@127.0.0.1:port/db for Airflow's own metadata
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def configure(self) -> None:
+        rest = self.pg_uri.split("://", 1)[1]
+        self.env.extra.update({
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{rest}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+asyncpg://{rest}",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.base_url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        })
+
+    def start(self, timeout: float = 180) -> AirflowServices:
+        self.configure()
+        self.env.migrate()
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        args = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                "scheduler": ["scheduler", "--skip-serve-logs"], "dag-processor": ["dag-processor"]}
+        for name in COMPONENTS:
+            out = open(self.env.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            self.procs[name] = subprocess.Popen([airflow, *args[name]], env=self.env.env(), cwd=self.env.home,
+                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"airflow {name} exited: {self.tail(name)}")
+            try:
+                self.api("GET", "/api/v2/version")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"api-server not answering on {self.base_url}: {self.tail('api-server')}")
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.env.home / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw and resp.headers.get_content_type() == "application/json" else raw
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.api("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except urllib.error.HTTPError:
+                time.sleep(2)
+        raise RuntimeError(f"DAG {dag_id} never appeared: {self.tail('dag-processor')}")
+
+    def trigger(self, dag_id: str, logical_date: str, conf: dict) -> str:
+        self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": logical_date, "conf": conf})
+        return run["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
+        deadline = time.monotonic() + timeout
+        state = "?"
+        while time.monotonic() < deadline:
+            state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(3)
+        raise RuntimeError(f"run {run_id} still {state}: {self.tail('scheduler')}")
+
+    def stop(self) -> None:
+        """SIGTERM each component's process group, then SIGKILL what is left."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGKILL)
+            with _suppress():
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+    def __enter__(self) -> AirflowServices:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, ProcessLookupError | PermissionError | OSError)
