@@ -103,3 +103,20 @@ def test_schema_applies_twice(pg_database):
         assert [r[0] for r in rows] == ["s3://b/x.mp4"]
     finally:
         conn.close()
+
+
+def test_metadb_works_with_psycopg3_connections(pg_server, pg_database):
+    """PostgresHook hands out psycopg 3 connections; the same code must work on them."""
+    import psycopg
+
+    conn = psycopg.connect(pg_database)
+    try:
+        metadb.apply_schema(conn)
+        metadb.ensure_partition(conn, "k3")
+        metadb.run_many(conn, "register", [{"partition_key": "k3", "path": f"s3://b/{i}.mp4", "size_bytes": i}
+                                           for i in range(3)])
+        assert [r[0] for r in metadb.run(conn, "select_partition", {"partition_key": "k3"})] == [
+            "s3://b/0.mp4", "s3://b/1.mp4", "s3://b/2.mp4"]
+        assert not conn.closed
+    finally:
+        conn.close()

@@ -7,10 +7,12 @@ Queries live in ``sql/queries/*.sql`` with named parameters; values are always b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 TABLE = "video_meta"
@@ -27,8 +29,30 @@ def query(name: str) -> str:
     return (sql_dir() / "queries" / f"{name}.sql").read_text(encoding="utf-8")
 
 
+@contextlib.contextmanager
+def transaction(conn) -> Iterator:
+    """A cursor inside one transaction, for psycopg2 and psycopg 3 connections alike.
+
+    (PostgresHook hands out psycopg 3 connections when it is installed; ``with conn`` would close those.)
+    """
+    if hasattr(conn, "transaction"):  # psycopg 3
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+    else:
+        with conn, conn.cursor() as cur:
+            yield cur
+
+
+def _sql_module(conn):
+    if hasattr(conn, "transaction"):
+        from psycopg import sql
+    else:
+        from psycopg2 import sql
+    return sql
+
+
 def apply_schema(conn) -> None:
-    with conn, conn.cursor() as cur:
+    with transaction(conn) as cur:
         cur.execute((sql_dir() / "schema.sql").read_text(encoding="utf-8"))
 
 
@@ -38,26 +62,25 @@ def partition_table(key: str) -> str:
 
 def ensure_partition(conn, key: str) -> None:
     """Create the LIST partition holding ``key`` if it is missing (names and values quoted by psycopg2)."""
-    from psycopg2 import sql
-
+    sql = _sql_module(conn)
     stmt = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
         sql.Identifier(partition_table(key)), sql.Identifier(TABLE), sql.Literal(key))
-    with conn, conn.cursor() as cur:
+    with transaction(conn) as cur:
         cur.execute(stmt)
 
 
 def run(conn, name: str, params: dict | None = None) -> list[tuple]:
-    with conn, conn.cursor() as cur:
+    with transaction(conn) as cur:
         cur.execute(query(name), params or {})
         return cur.fetchall() if cur.description else []
 
 
 def run_many(conn, name: str, rows: list[dict]) -> None:
     """One transaction for all rows: all are written or none (a retry then starts clean)."""
-    from psycopg2.extras import execute_batch
-
-    with conn, conn.cursor() as cur:
-        execute_batch(cur, query(name), rows, page_size=500)
+    if not rows:
+        return
+    with transaction(conn) as cur:
+        cur.executemany(query(name), rows)
 
 
 def main(argv: list[str]) -> int:
