@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, Param, task
 
@@ -120,5 +120,6 @@ with DAG(
         queue=os.environ.get("CAPTION_QUEUE", "ascend"),
         map_index_template="{{ task.meta_path.split('/')[-2] }}",
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
+        retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
     ).expand_kwargs(shards)
     train(key, captions.output)

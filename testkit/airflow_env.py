@@ -55,6 +55,7 @@ class AirflowEnv:
             "AIRFLOW_CONN_CURATION_DB": self.db_uri,
             "CAPTION_MODEL_DIR": str(TINY_QWEN2VL),
             "CAPTION_QUEUE": "default",
+            "CAPTION_RETRY_DELAY_SECONDS": "5",
             "CAPTION_MSRUN_LOG_ROOT": str(self.msrun_log_root),
             "PYTHONUNBUFFERED": "1",
         })

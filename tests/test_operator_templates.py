@@ -26,6 +26,19 @@ def test_template_fields_render():
                                                          "caption_options", "msrun_options", "log_dir", "env"}
 
 
+def test_templated_dicts_render_natively_when_mapped():
+    """Under mapping the operator is built before rendering: a dict field may still be a template string."""
+    import datetime
+
+    from airflow.sdk import DAG
+
+    with DAG("d", schedule=None, start_date=datetime.datetime(2026, 1, 1), render_template_as_native_obj=True):
+        op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m",
+                                   caption_options="{{ params.opts }}", worker_num="{{ params.n }}")
+    op.render_template_fields({"params": {"opts": {"bs": 2, "question": HOSTILE}, "n": 4}})
+    assert op.caption_options == {"bs": 2, "question": HOSTILE} and op.worker_num == 4
+
+
 def test_caption_argv_is_a_list_of_literal_values():
     argv = caption_argv({"question": HOSTILE, "bs": 2, "skip_if_existing": True, "use_lora": False,
                          "allowed_root": ["s3://a/", "s3://b/"]})

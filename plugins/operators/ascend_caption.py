@@ -127,14 +127,15 @@ class AscendCaptionOperator(BaseOperator):
         self.model = model
         self.model_dir = model_dir
         self.output_uri = output_uri
-        self.caption_options = dict(caption_options or {})
+        # Kept as given: under mapping these may still be unrendered template strings here.
+        self.caption_options = caption_options if caption_options is not None else {}
         self.skip_if_existing = skip_if_existing
         self.worker_num = worker_num
         self.local_worker_num = local_worker_num
-        self.msrun_options = dict(msrun_options or {})
+        self.msrun_options = msrun_options if msrun_options is not None else {}
         self.log_dir = log_dir
         self.aws_conn_id = aws_conn_id
-        self.env = dict(env or {})
+        self.env = env if env is not None else {}
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
         self.kill_grace = kill_grace
@@ -236,6 +237,10 @@ class AscendCaptionOperator(BaseOperator):
 
         if self.model not in CAPTION_SCRIPTS:
             raise AirflowFailException(f"model must be one of {sorted(CAPTION_SCRIPTS)}, got {self.model!r}")
+        for name in ("caption_options", "msrun_options", "env"):
+            if not isinstance(getattr(self, name), dict):
+                raise AirflowFailException(f"{name} must render to a dict (use render_template_as_native_obj "
+                                           f"for a templated dict), got {getattr(self, name)!r:.200}")
         self.output_uri = self.output_uri or default_output(self.meta_path, self.model)
         client = self._s3()
         summary_uri = f"{self.output_uri}.summary.json"
