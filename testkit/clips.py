@@ -139,6 +139,17 @@ def _iter_reused_frames(spec: ClipSpec) -> Iterator[np.ndarray]:
         frame[y : y + s, x : x + s] = 0
 
 
+def render_frames_at(spec: ClipSpec, indices: list[int]) -> np.ndarray:
+    """Only the frames at ``indices``, as uint8 (len(indices), H, W, 3): cheap synthetic training data."""
+    mask = _mask(spec)
+    s = spec.size
+    out = np.zeros((len(indices), spec.height, spec.width, 3), dtype=np.uint8)
+    for i, index in enumerate(indices):
+        y, x = shape_origin(spec, index)
+        out[i, y : y + s, x : x + s][mask] = np.array(spec.rgb, dtype=np.uint8)
+    return out
+
+
 def render_frames(spec: ClipSpec) -> np.ndarray:
     """All frames of ``spec`` as one uint8 (T, H, W, 3) array (a pure function of the spec)."""
     return np.concatenate(list(iter_chunks(spec)), axis=0)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captioning_core import video  # noqa: E402
 from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_frames  # noqa: E402
-from testkit.clips import COLORS, DIRECTIONS, SHAPES, ClipSpec, ensure_clip  # noqa: E402
+from testkit.clips import COLORS, DIRECTIONS, SHAPES, ClipSpec, ensure_clip, render_frames_at  # noqa: E402
 from tools.tiny_vocab import qwen_tokenizer  # noqa: E402
 
 log = logging.getLogger("train_tiny_qwen2vl")
@@ -75,6 +76,21 @@ def build_model(tok):
     return Qwen2VLForConditionalGeneration(cfg)
 
 
+def synthetic_example(rng: random.Random, opts: Qwen2VLOptions):
+    """A fresh clip every call, rendered straight at the frames Qwen2-VL samples (no encode/decode):
+    endless variety of sizes, speeds and lengths, so the model can't memorise its training set."""
+    color, direction, shape = rng.choice(list(itertools.product(COLORS, DIRECTIONS, SHAPES)))
+    width = 2 * rng.randint(80, 640)
+    height = 2 * max(60, min(640, round(width / rng.uniform(0.5, 2.4) / 2)))
+    spec = ClipSpec(color, direction, shape, width, height, fps=rng.choice([24, 25, 30]),
+                    seconds=rng.uniform(0.8, 6.0), gop=12)
+    n = video.qwen_frame_count(spec.num_frames, spec.fps, opts.fps)
+    frames = render_frames_at(spec, video.qwen_frame_indices(spec.num_frames, n))
+    h, w = video.qwen_target_size(height, width, opts.max_pixels, opts.min_pixels)
+    pixels, grid = patchify(video.resize_frames(frames, h, w), PatchConfig())
+    return pixels, grid, spec.caption
+
+
 def prepare(path: Path, opts: Qwen2VLOptions):
     pixels, grid = patchify(sample_frames(str(path), opts), PatchConfig())
     return pixels, grid
@@ -102,6 +118,8 @@ def main() -> int:
     parser.add_argument("--out", default="tiny_models/qwen2vl")
     parser.add_argument("--steps", type=int, default=50000)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--encoded_share", type=float, default=0.25,
+                        help="share of steps on encoded clips; the rest are fresh synthetic clips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip_cache", default=None, help="where to keep rendered clips (default: a temp dir)")
     args = parser.parse_args()
@@ -139,7 +157,10 @@ def main() -> int:
     t0 = time.time()
     running = 0.0
     for step in range(args.steps):
-        pixels, grid, text = train[rng.randrange(len(train))]
+        if rng.random() < args.encoded_share:  # real h264 clips keep codec artefacts in the mix
+            pixels, grid, text = train[rng.randrange(len(train))]
+        else:
+            pixels, grid, text = synthetic_example(rng, rng.choice(PROFILES))
         prompt = prompt_text(tok, grid)
         enc = tok(prompt + text + "<|im_end|>", return_tensors="pt")
         labels = enc["input_ids"].clone()
