@@ -119,7 +119,7 @@ def run(cfg: RunConfig, info) -> int:
     except (PartitionError, ModelDirError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    runtime.setup_device(cfg.device_target)
+    runtime.configure(cfg.device_target)
     stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
     log.info("rank stats %s", stats.to_dict())
     return 0

@@ -26,17 +26,31 @@ def die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG; this rank may outlive msrun")
 
 
-def setup_device(device_target: str) -> None:
-    """Select the MindSpore device before anything imports mindnlp or torch."""
+_device: dict[str, object] = {"target": None, "ready": False}
+
+
+def configure(device_target: str) -> None:
+    """Remember the device; MindSpore is imported only when a model or a collective needs it, so a rank
+    with nothing left to caption finishes without paying for the import."""
+    _device["target"] = device_target
+
+
+def setup_device(device_target: str | None = None) -> None:
+    """Select the MindSpore device (once) before anything imports mindnlp or torch."""
+    target = device_target or _device["target"]
+    if _device["ready"] or target is None:
+        return
     import mindspore
 
-    mindspore.set_device(device_target)
-    if device_target == "Ascend":
+    mindspore.set_device(target)
+    if target == "Ascend":
         mindspore.set_context(mode=mindspore.PYNATIVE_MODE)
+    _device["ready"] = True
 
 
 def import_mindnlp() -> None:
     """mindnlp must be imported before anything imports torch: it redirects ``torch`` to mindtorch."""
+    setup_device()
     if "torch" in sys.modules and "mindnlp" not in sys.modules:
         raise RuntimeError("torch was imported before mindnlp; the model would run on real PyTorch")
     import mindnlp  # noqa: F401
@@ -50,6 +64,7 @@ def torch_dtype(name: str):
 
 def init_collective() -> None:
     """Join msrun's communication group (only the AllGather option needs it)."""
+    setup_device()
     from mindspore.communication import init
 
     init()
