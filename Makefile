@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint demo train-tiny clean db-init
+.PHONY: setup test test-fast lint demo train-tiny clean db-init screenshot bench
 
 setup:
 	bash scripts/setup.sh
@@ -29,3 +29,10 @@ clean:
 db-init: setup
 	@test -n "$(DB_URI)" || { echo "usage: make db-init DB_URI=postgresql://user:pass@host:5432/db"; exit 2; }
 	$(PY) plugins/curation/metadb.py "$(DB_URI)"
+
+# Regenerates the README's gallery picture with the demo itself.
+screenshot: setup
+	$(PY) -m demo --screenshot docs/gallery.png
+
+bench: setup
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from curation import metadb
 from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
+from testkit.airflow_services import AirflowServices
 from testkit.clips import broken_set, ensure_clip
 from testkit.demo_clips import DAG_SPECS
 from testkit.pgserver import PostgresServer
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="working directory (wiped first)")
     parser.add_argument("--date", default="2026-11-21", help="logical date = partition key")
+    parser.add_argument("--ui", action="store_true",
+                        help="afterwards, serve the Airflow UI (and the caption gallery) on 127.0.0.1 until Ctrl-C")
+    parser.add_argument("--screenshot", metavar="PNG", default=None,
+                        help="afterwards, save a headless-Chromium screenshot of the caption gallery here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out = Path(args.out).resolve()
@@ -75,6 +80,45 @@ def main(argv: list[str] | None = None) -> int:
             table = cur.fetchall()
         conn.close()
         (out / "train_manifest.csv").write_bytes(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+        gallery_path = _first_gallery(client)
+        _print_report(table, expected, manifest, manifest_key, out, airflow, started)
+        if args.ui or args.screenshot:
+            with AirflowServices(airflow, components=("api-server",)) as af:
+                url = f"{af.base_url}{gallery_path}"
+                if args.screenshot:
+                    from testkit import browser
+
+                    browser.screenshot(url, args.screenshot, size=(1200, 760))
+                    log.info("gallery screenshot saved to %s", args.screenshot)
+                if args.ui:
+                    print(f"\nAirflow UI: {af.base_url}/dags/video_curation  (no login)\n"  # noqa: T201
+                          f"caption gallery: {url}\nCtrl-C stops everything.")
+                    _wait_for_ctrl_c()
+    return 0 if all(_caption_of(table, p) == c for p, c in expected.items()) else 1
+
+
+def _caption_of(table, path: str) -> str | None:
+    return next((row[4] for row in table if row[0] == path), None)
+
+
+def _first_gallery(client) -> str:
+    """The API-server path of the first shard's gallery (served by the caption_gallery plugin)."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="meta/"):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith(".gallery/index.html"):
+                return f"/caption-gallery/caption_s3/{BUCKET}/{obj['Key']}"
+    return "/"
+
+
+def _wait_for_ctrl_c() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _print_report(table, expected, manifest, manifest_key, out, airflow, started) -> None:
 
     right = 0
     print(f"\n{'video':52} {'status':10} caption  (what the clip shows)")  # noqa: T201 - the demo's report
@@ -88,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.monotonic() - started:.0f} s)")
     print(f"manifest: s3://{BUCKET}/{manifest_key} (copy: {out / 'train_manifest.csv'})")  # noqa: T201
     print(f"DAG run log: {out / 'dag_run.log'}; msrun rank logs: {airflow.msrun_log_root}")  # noqa: T201
-    return 0 if right == len(expected) else 1
+    print(f"caption galleries: s3://{BUCKET}/meta/*/shard-*/meta_caption_qwen2vl.csv.gallery/index.html "  # noqa: T201
+          "(run with --ui to browse them and the Airflow UI)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor")
 @dataclass
 class AirflowServices:
     env: AirflowEnv
-    pg_uri: str  # postgresql://user:pass@127.0.0.1:port/db for Airflow's own metadata
+    pg_uri: str | None = None  # Airflow's own metadata DB; None keeps the env's SQLite (view-only use)
+    components: tuple[str, ...] = COMPONENTS
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -39,10 +40,13 @@ class AirflowServices:
         return f"http://127.0.0.1:{self.port}"
 
     def configure(self) -> None:
-        rest = self.pg_uri.split("://", 1)[1]
+        if self.pg_uri:
+            rest = self.pg_uri.split("://", 1)[1]
+            self.env.extra.update({
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{rest}",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+asyncpg://{rest}",
+            })
         self.env.extra.update({
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{rest}",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+asyncpg://{rest}",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
@@ -61,7 +65,7 @@ class AirflowServices:
         airflow = str(Path(sys.executable).with_name("airflow"))
         args = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 "scheduler": ["scheduler", "--skip-serve-logs"], "dag-processor": ["dag-processor"]}
-        for name in COMPONENTS:
+        for name in self.components:
             out = open(self.env.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[name] = subprocess.Popen([airflow, *args[name]], env=self.env.env(), cwd=self.env.home,
                                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
