@@ -96,3 +96,23 @@ def test_video_paths_resolve_and_reject_escapes(tmp_path):
     assert resolve_video("ok.mp4", jailed)
     with pytest.raises(UnsafePathError):
         resolve_video("/etc/hostname", jailed)
+
+
+def test_model_dir_problems_are_named_up_front(tmp_path):
+    from captioning_core.models.base import ModelDirError, check_model_dir
+
+    with pytest.raises(ModelDirError, match="not found"):
+        check_model_dir(str(tmp_path / "nope"))
+    model = tmp_path / "m"
+    model.mkdir()
+    with pytest.raises(ModelDirError, match=r"config\.json.*weights.*tokenizer"):
+        check_model_dir(str(model))
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    (model / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(ModelDirError, match="model-00002-of-00002"):
+        check_model_dir(str(model))
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"")
+    check_model_dir(str(model))
