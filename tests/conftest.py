@@ -130,6 +130,8 @@ def run_msrun(s3_server: SeaweedS3):
                 str(REPO / "captioning_core" / script), meta, "--pretrained_model_name_or_path", str(model_dir),
                 *args]
         full_env = {**os.environ, **s3_server.env(), **(env or {})}
+        # msrun starts each rank as plain `python`: it must be this venv's interpreter.
+        full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
         proc = subprocess.run(argv, env=full_env, cwd=log_dir.parent, capture_output=True, text=True,
                               timeout=timeout)
         return MsrunResult(proc, log_dir)
