@@ -270,8 +270,25 @@ class AscendCaptionOperator(BaseOperator):
         context["outlet_events"][AssetAlias(CAPTIONS_ALIAS)].add(Asset(self.output_uri), extra=result)
         return result
 
+    def _summary(self, client, summary_uri: str) -> dict:
+        """The summary the ranks wrote; for an output made elsewhere (no summary), counts from the CSV."""
+        try:
+            return self._read_json(client, summary_uri)
+        except Exception as err:
+            if str(getattr(err, "response", {}).get("Error", {}).get("Code")) not in ("NoSuchKey", "404"):
+                raise
+        import csv
+        import io
+
+        bucket, key = split_s3(self.output_uri)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+        rows = list(csv.DictReader(io.StringIO(body)))
+        ok = [r for r in rows if r.get("caption_status", "ok" if r.get("text") else "failed") == "ok"]
+        return {"rows": len(rows), "captioned": len(ok), "failed": len(rows) - len(ok),
+                "empty": sum(1 for r in ok if not (r.get("text") or "").strip())}
+
     def _result(self, client, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
-        summary = self._read_json(client, summary_uri)
+        summary = self._summary(client, summary_uri)
         this_try = [s for s in summary.get("ranks", []) if launched and s.get("started_at", 0) >= started]
         skipped = sum(s.get("rows_skipped", 0) for s in this_try) if launched else summary["rows"]
         wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
