@@ -54,7 +54,9 @@ POOLING = (4, 4, 4)  # 8x8 patches per frame pooled 2x2, like 24x24 -> 12x12 at 
 MIRROR = {"left": "right", "right": "left", "up": "down", "down": "up"}
 SIZES = [(320, 240), (240, 320), (426, 240), (352, 288), (640, 360), (400, 300), (480, 270), (288, 352),
          (1280, 720), (360, 640)]
-VARIANTS = 6
+VARIANTS = 10
+H_FLIP = {"left": "right", "right": "left"}
+V_FLIP = {"up": "down", "down": "up"}
 
 
 def tokenizer():
@@ -107,6 +109,22 @@ def mirrored(caption: str) -> str:
     return f"{head} {MIRROR[direction]}"
 
 
+def augment(pixels, spec: ClipSpec, rng: random.Random):
+    """A random mirror image and/or time reversal of a prepared clip, with the direction it then shows.
+
+    Flipping the frames left-right swaps left/right, up-down swaps up/down, reversing the frames swaps both:
+    exact label-preserving augmentations that stop the tiny model from memorising its few hundred clips.
+    """
+    direction = spec.direction
+    if rng.random() < 0.5:
+        pixels, direction = pixels.flip(3), H_FLIP.get(direction, direction)
+    if rng.random() < 0.5:
+        pixels, direction = pixels.flip(2), V_FLIP.get(direction, direction)
+    if rng.random() < 0.5:
+        pixels, direction = pixels.flip(0), MIRROR[direction]
+    return pixels, f"a {spec.color} {spec.shape} moves {direction}"
+
+
 class Trainer:
     """Single-example AdamW steps with warm-up and a linear tail (batches plateau at "colour only")."""
 
@@ -123,7 +141,7 @@ class Trainer:
         ids = self.tok(caption, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return self.prompt_ids + ids, [-100] * len(self.prompt_ids) + ids
 
-    def fit(self, data: list, steps: int, lr: float, rng: random.Random, params) -> None:
+    def fit(self, data: list, steps: int, lr: float, rng: random.Random, params, target=lambda c: c) -> None:
         import torch
 
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -132,8 +150,8 @@ class Trainer:
         self.model.train()
         started, running = time.time(), 0.0
         for step in range(steps):
-            pixels, caption = data[rng.randrange(len(data))]
-            row, labels = self.example(caption)
+            pixels, caption = augment(*data[rng.randrange(len(data))], rng)
+            row, labels = self.example(target(caption))
             loss = self.model([row], pixels, [labels]).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,7 +200,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tiny_models/pllava")
     parser.add_argument("--lora_out", default="tiny_models/pllava-lora")
-    parser.add_argument("--steps", type=int, default=30000)
+    parser.add_argument("--steps", type=int, default=36000)
     parser.add_argument("--lora_steps", type=int, default=6000)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--lora_lr", type=float, default=1e-3)
@@ -219,7 +237,7 @@ def main() -> int:
         for _ in range(VARIANTS):
             spec = random_spec(rng, *combo)
             if spec not in held_specs:
-                train.append((trainer.pixels(ensure_clip(spec, cache)), spec.caption))
+                train.append((trainer.pixels(ensure_clip(spec, cache)), spec))
     log.info("prepared %d training and %d held-out clips in %.1fs", len(train), len(held), time.time() - t0)
 
     t0 = time.time()
@@ -236,7 +254,7 @@ def main() -> int:
     lora_params = [p for n, p in lora_model.named_parameters() if "lora_" in n]
     trainer.model = lora_model
     t0 = time.time()
-    trainer.fit([(px, mirrored(c)) for px, c in train], args.lora_steps, args.lora_lr, rng, lora_params)
+    trainer.fit(train, args.lora_steps, args.lora_lr, rng, lora_params, target=mirrored)
     log.info("LoRA training: %.0fs", time.time() - t0)
     wrong += trainer.wrong(held, lambda s: mirrored(s.caption))
     state = lora_model.state_dict()

@@ -284,6 +284,7 @@ class PllavaCaptioner(Captioner):
         runtime.import_mindnlp()
         import torch  # mindtorch under mindnlp
         from transformers import AutoTokenizer, GenerationConfig
+        from transformers.modeling_utils import no_init_weights
 
         from captioning_core.models import pllava_arch, pllava_weights
 
@@ -298,8 +299,11 @@ class PllavaCaptioner(Captioner):
             raise ValueError(f"prompt must tokenize to exactly one {IMAGE_TOKEN} (id {config.image_token_index}): "
                              f"{prompt!r}")
         dtype = runtime.torch_dtype(self.cfg.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), no_init_weights():  # every tensor is loaded below, or loading fails
             model = pllava_arch.PllavaModel(config, dtype=dtype)
+        if self.cfg.device_target == "Ascend":
+            model.index_dtype = torch.int32
+        with torch.no_grad():
             if os.path.exists(os.path.join(self.model_dir, "generation_config.json")):
                 model.language_model.generation_config = GenerationConfig.from_pretrained(self.model_dir)
             weight_dir = opts.weight_dir or (self.model_dir if opts.use_lora else None)

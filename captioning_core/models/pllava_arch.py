@@ -159,6 +159,7 @@ class PllavaModel(nn.Module):
     def __init__(self, config: PllavaConfig, dtype=None) -> None:
         super().__init__()
         self.config = config
+        self.index_dtype = torch.int64  # token ids and masks; int32 on Ascend
         kwargs = {"dtype": dtype} if dtype is not None else {}
         self.vision_tower = AutoModel.from_config(config.vision_config, **kwargs)
         self.multi_modal_projector = PllavaMultiModalProjector(config)
@@ -192,18 +193,18 @@ class PllavaModel(nn.Module):
             if row.count(image) != 1:
                 raise ValueError(f"prompt must hold exactly one <image> token (id {image}); got {row.count(image)}")
             k = row.index(image)
-            parts = [embed(torch.tensor([row[:k]], dtype=torch.int64))[0]] if k else []
+            parts = [embed(torch.tensor([row[:k]], dtype=self.index_dtype))[0]] if k else []
             parts.append(video_embeds[i])
             if k + 1 < len(row):
-                parts.append(embed(torch.tensor([row[k + 1:]], dtype=torch.int64))[0])
+                parts.append(embed(torch.tensor([row[k + 1:]], dtype=self.index_dtype))[0])
             pieces.append(torch.cat(parts, dim=0))
             lengths.append(len(row) - 1 + n_video)
         longest = max(lengths)
         pad_id = self.config.pad_token_id or 0
-        pad = embed(torch.tensor([[pad_id]], dtype=torch.int64))[0]
+        pad = embed(torch.tensor([[pad_id]], dtype=self.index_dtype))[0]
         batch = [torch.cat([pad.expand(longest - n, pad.shape[-1]), p], dim=0) if n < longest else p
                  for p, n in zip(pieces, lengths, strict=True)]
-        mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], dtype=torch.int64)
+        mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], dtype=self.index_dtype)
         embeds = torch.stack(batch, dim=0)
         if labels is None:
             return embeds, mask, None
