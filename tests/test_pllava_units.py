@@ -47,6 +47,22 @@ def test_seed_arguments_and_defaults():
     assert cfg.output == "m_caption_pllava.csv"
 
 
+PLLAVA_CHANGED = {"num_frames": "8", "pooling_shape": "4-12-12", "use_lora": None, "weight_dir": "/w",
+                  "lora_alpha": "4", "conv_mode": "eval_recaption", "num_beams": "3", "temperature": "0.7",
+                  "seed": "7"}
+
+
+def test_every_pllava_option_reaches_the_config():
+    parser = build_parser("pllava")
+    base = config_from_args("pllava", parser.parse_args(["m.csv"]))
+    added = {a.dest for a in parser._actions} - {a.dest for a in build_parser("qwen2vl")._actions}
+    assert added == set(PLLAVA_CHANGED)  # every model-specific option is checked below
+    for dest, value in PLLAVA_CHANGED.items():
+        argv = ["m.csv", f"--{dest}"] + ([] if value is None else [value])
+        cfg = config_from_args("pllava", parser.parse_args(argv))
+        assert cfg.model_options != base.model_options, dest
+
+
 @pytest.mark.parametrize("argv", [["--temperature", "0.7", "--num_beams", "2"], ["--num_frames", "0"],
                                   ["--num_beams", "0"], ["--temperature", "0"], ["--conv_mode", "chat"],
                                   ["--pooling_shape", "4-4"], ["--lora_alpha", "-1"]])
