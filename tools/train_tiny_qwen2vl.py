@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioning_core import video  # noqa: E402
@@ -96,6 +98,30 @@ def prepare(path: Path, opts: Qwen2VLOptions):
     return pixels, grid
 
 
+MIRROR = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def augmented(frames: np.ndarray, caption: str, rng: random.Random):
+    """Random mirror images and time reversal, with the caption's direction changed to match.
+
+    Without this the model memorises clips instead of reading the motion: the same clip mirrored or
+    played backwards looks alike in every frame but moves the other way.
+    """
+    words = caption.split()
+    direction = words[-1]
+    if rng.random() < 0.5:  # mirror left-right
+        frames = frames[:, :, ::-1]
+        direction = MIRROR[direction] if direction in ("left", "right") else direction
+    if rng.random() < 0.5:  # mirror up-down
+        frames = frames[:, ::-1]
+        direction = MIRROR[direction] if direction in ("up", "down") else direction
+    if rng.random() < 0.5:  # play backwards
+        frames = frames[::-1]
+        direction = MIRROR[direction]
+    pixels, grid = patchify(np.ascontiguousarray(frames), PatchConfig())
+    return pixels, grid, " ".join([*words[:-1], direction])
+
+
 def prompt_text(tok, grid) -> str:
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -118,7 +144,8 @@ def main() -> int:
     parser.add_argument("--out", default="tiny_models/qwen2vl")
     parser.add_argument("--steps", type=int, default=50000)
     parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--encoded_share", type=float, default=0.25,
+    parser.add_argument("--init", default=None, help="start from this saved model instead of random weights")
+    parser.add_argument("--encoded_share", type=float, default=0.75,
                         help="share of steps on encoded clips; the rest are fresh synthetic clips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip_cache", default=None, help="where to keep rendered clips (default: a temp dir)")
@@ -132,7 +159,12 @@ def main() -> int:
     rng = random.Random(args.seed)
     cache = Path(args.clip_cache or tempfile.mkdtemp(prefix="tiny-qwen-clips-"))
     tok = qwen_tokenizer()
-    model = build_model(tok)
+    if args.init:  # continue from an earlier run (same tokenizer and architecture)
+        from transformers import Qwen2VLForConditionalGeneration
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.init)
+    else:
+        model = build_model(tok)
     log.info("model parameters: %d", sum(p.numel() for p in model.parameters()))
 
     t0 = time.time()
@@ -143,14 +175,14 @@ def main() -> int:
             continue
         path = ensure_clip(spec, cache)
         for opts in PROFILES:
-            train.append((*prepare(path, opts), spec.caption))
+            train.append((sample_frames(str(path), opts), spec.caption))
     held = [(ensure_clip(s, cache), s) for s in sorted(held_specs, key=lambda s: s.filename)]
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
     # One example per step: on this task many small noisy updates escape the early plateau (the model first
     # learns only the colour) far sooner than large batches do.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warm, decay = 1000, int(0.3 * args.steps)
+    warm, decay = min(1000, args.steps // 10), int(0.3 * args.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm, (args.steps - s) / decay))
     model.train()
@@ -158,7 +190,7 @@ def main() -> int:
     running = 0.0
     for step in range(args.steps):
         if rng.random() < args.encoded_share:  # real h264 clips keep codec artefacts in the mix
-            pixels, grid, text = train[rng.randrange(len(train))]
+            pixels, grid, text = augmented(*train[rng.randrange(len(train))], rng)
         else:
             pixels, grid, text = synthetic_example(rng, rng.choice(PROFILES))
         prompt = prompt_text(tok, grid)
