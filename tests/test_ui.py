@@ -43,7 +43,7 @@ def test_dag_run_in_the_ui_and_gallery_link(s3_server, pg_server, tmp_path_facto
 
         quoted = urllib.parse.quote(run_id, safe="")
         links = af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted}/taskInstances/caption/links?map_index=0")
-        link = links["Caption gallery"]
+        link = links["extra_links"]["Caption gallery"]
         assert link.startswith("/caption-gallery/caption_s3/")
         page = af.api("GET", link).decode()
         assert all(c in page for c in captions)
