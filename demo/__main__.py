@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = list(csv.DictReader(io.StringIO(
             client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read().decode())))
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT path, filter_status, coalesce(filter_reason, ''), coalesce(caption_status, ''), "
-                        "coalesce(text, '') FROM video_meta WHERE partition_key = %s ORDER BY path", (args.date,))
+            cur.execute("SELECT path, filter_status, coalesce(caption_error, filter_reason, ''), "
+                        "coalesce(caption_status, ''), coalesce(text, '') FROM video_meta "
+                        "WHERE partition_key = %s ORDER BY path", (args.date,))
             table = cur.fetchall()
         conn.close()
         (out / "train_manifest.csv").write_bytes(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
