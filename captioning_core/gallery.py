@@ -40,8 +40,10 @@ def thumbnail_strip(frames: np.ndarray, height: int = THUMB_HEIGHT, count: int =
         img = Image.fromarray(frames[i])
         width = max(1, round(img.width * height / img.height))
         tiles.append(np.asarray(img.resize((width, height), Image.BILINEAR)))
+    gap = np.full((height, 3, 3), 128, dtype=np.uint8)  # a grey rule between frames
+    strip = [part for tile in tiles for part in (tile, gap)][:-1]
     buf = io.BytesIO()
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(buf, format="JPEG", quality=80)
+    Image.fromarray(np.concatenate(strip, axis=1)).save(buf, format="JPEG", quality=80)
     return buf.getvalue()
 
 

@@ -42,4 +42,4 @@ def test_thumbnail_strip_is_a_jpeg_of_the_requested_height():
 
     frames = np.zeros((8, 90, 160, 3), np.uint8)
     img = Image.open(io.BytesIO(gallery.thumbnail_strip(frames)))
-    assert img.format == "JPEG" and img.height == gallery.THUMB_HEIGHT and img.width == 4 * 128
+    assert img.format == "JPEG" and img.height == gallery.THUMB_HEIGHT and img.width == 4 * 128 + 3 * 3
