@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 PART_SUFFIX = ".jsonl"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million rows of results stay small
 class RowResult:
     row: int
     path: str

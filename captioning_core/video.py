@@ -9,6 +9,7 @@ PLLaVA: ``num_frames`` frames at segment centres (``ChatPllava.get_index``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,9 @@ def open_video(path: str):
     import decord
 
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        # 0 = decoder threads chosen by FFmpeg; set CAPTION_DECODE_THREADS to pin it (e.g. 1 with many workers)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0),
+                                    num_threads=int(os.environ.get("CAPTION_DECODE_THREADS", "0")))
     except Exception as err:  # decord raises DECORDError, which is not a RuntimeError
         raise VideoError(f"cannot open video: {_short(err)}") from err
     if len(reader) == 0:
