@@ -2,22 +2,29 @@
 
 S3 endpoint and credentials come from the standard environment variables only
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``),
-never from argv. Transient S3 errors (connection refused, 5xx, throttling) are retried by botocore's
-``standard`` retry mode with exponential backoff; ``CAPTION_S3_MAX_ATTEMPTS`` sets the budget.
+never from argv. Transient S3 errors (connection refused or reset, timeouts, 5xx, throttling) are retried
+with exponential backoff for up to ``CAPTION_S3_RETRY_SECONDS`` (default 120) per operation, so an S3 restart
+is ridden out; a longer outage fails the operation (and the attempt) cleanly. Client errors (missing key,
+412, access denied) are never retried.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 S3_SCHEME = "s3://"
+log = logging.getLogger(__name__)
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "Throttling", "ThrottlingException"}
 
 
 def is_s3(uri: str) -> bool:
@@ -64,7 +71,7 @@ def s3_client():
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
-        retries={"mode": "standard", "max_attempts": int(os.environ.get("CAPTION_S3_MAX_ATTEMPTS", "8"))},
+        retries={"mode": "standard", "max_attempts": 2},  # the time budget is enforced by _retrying
         connect_timeout=float(os.environ.get("CAPTION_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(os.environ.get("CAPTION_S3_READ_TIMEOUT", "60")),
         # Path-style addressing is what self-hosted endpoints (SeaweedFS, MinIO) expect.
@@ -83,11 +90,40 @@ def _error_code(err: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def _transient(err: Exception) -> bool:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(err, BotoConnectionError | HTTPClientError) or _error_code(err) in _TRANSIENT_CODES
+
+
+def _retrying(fn):
+    """Retry an S3 operation on transient errors with exponential backoff, within a time budget."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        budget = float(os.environ.get("CAPTION_S3_RETRY_SECONDS", "120"))
+        deadline = time.monotonic() + budget
+        delay = 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if not _transient(err) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("S3 %s failed (%s: %s); retrying in %.1fs", fn.__name__, type(err).__name__, err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    return wrapper
+
+
 def is_not_found(err: Exception) -> bool:
     """True for a missing local file or S3 object."""
     return isinstance(err, FileNotFoundError) or _error_code(err) in ("404", "NoSuchKey", "NotFound")
 
 
+@_retrying
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return os.path.exists(uri)
@@ -103,6 +139,7 @@ def exists(uri: str) -> bool:
         raise
 
 
+@_retrying
 def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
@@ -110,6 +147,7 @@ def read_bytes(uri: str) -> bytes:
     return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
 
 
+@_retrying
 def write_bytes(uri: str, data: bytes) -> None:
     """Replace the object atomically: readers see the old or the new content, never a partial one."""
     if is_s3(uri):
@@ -130,6 +168,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+@_retrying
 def put_if_absent(uri: str, data: bytes) -> bool:
     """Create the object only if nothing is there yet. Returns False if it already existed.
 
@@ -164,6 +203,7 @@ def put_if_absent(uri: str, data: bytes) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+@_retrying
 def list_prefix(prefix: str) -> list[str]:
     """Every object/file whose URI starts with ``prefix`` (a directory for local paths), sorted."""
     if is_s3(prefix):
@@ -179,6 +219,7 @@ def list_prefix(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+@_retrying
 def delete(uri: str) -> None:
     if is_s3(uri):
         loc = S3Location.parse(uri)
@@ -187,6 +228,7 @@ def delete(uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
 
+@_retrying
 def delete_prefix(prefix: str) -> None:
     if is_s3(prefix):
         loc = S3Location.parse(prefix)
@@ -198,6 +240,7 @@ def delete_prefix(prefix: str) -> None:
         shutil.rmtree(prefix, ignore_errors=True)
 
 
+@_retrying
 def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
     """Return a local path for ``uri``: the path itself, or a fresh download into ``cache_dir``.
 

@@ -53,7 +53,7 @@ def _run_in_thread(cfg, faults):
 def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    s3_env.setenv("CAPTION_S3_MAX_ATTEMPTS", "10")
+    s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
@@ -70,7 +70,7 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
 def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    s3_env.setenv("CAPTION_S3_MAX_ATTEMPTS", "2")
+    s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "2")
     s3_env.setenv("CAPTION_S3_CONNECT_TIMEOUT", "1")
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
