@@ -155,6 +155,16 @@ def write_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)  # a single PUT is atomic
         return
     path = Path(uri)
+    tmp = _durable_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _durable_temp(path: Path, data: bytes) -> Path:
+    """``data`` written and fsynced to a hidden temp file beside ``path`` (same filesystem, for rename/link)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -162,10 +172,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
 
 
 @_retrying
@@ -187,20 +197,14 @@ def put_if_absent(uri: str, data: bytes) -> bool:
                 return False
             raise
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _durable_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 @_retrying

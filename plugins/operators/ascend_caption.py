@@ -62,28 +62,29 @@ def gallery_url(conn_id: str, uri: str, suffix: str = "") -> str:
     return f"{root}/caption-gallery/{quote(conn_id)}/{quote(bucket)}/{quote(key + suffix)}"
 
 
-class CaptionGalleryLink(BaseOperatorLink):
+class _OutputObjectLink(BaseOperatorLink):
+    """A link to an object beside the task's output (empty until the task has an s3:// output)."""
+
+    suffix = ""
+
+    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
+        uri = getattr(operator, "output_uri", None)
+        if not uri or not str(uri).startswith("s3://"):
+            return ""
+        return gallery_url(operator.aws_conn_id or "caption_s3", uri, self.suffix)
+
+
+class CaptionGalleryLink(_OutputObjectLink):
     """The partition's caption gallery (thumbnails, captions, failures, summary)."""
 
     name = "Caption gallery"
-
-    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
-        uri = getattr(operator, "output_uri", None)
-        if not uri or not str(uri).startswith("s3://"):
-            return ""
-        return gallery_url(operator.aws_conn_id or "caption_s3", uri, ".gallery/index.html")
+    suffix = ".gallery/index.html"
 
 
-class CaptionOutputLink(BaseOperatorLink):
+class CaptionOutputLink(_OutputObjectLink):
     """The partition's output CSV."""
 
     name = "Caption output"
-
-    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
-        uri = getattr(operator, "output_uri", None)
-        if not uri or not str(uri).startswith("s3://"):
-            return ""
-        return gallery_url(operator.aws_conn_id or "caption_s3", uri)
 
 
 class AscendCaptionOperator(BaseOperator):
