@@ -253,6 +253,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 16
+    model.config.text_config._name_or_path = ""  # not the temp dir it was loaded from (with --init)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(json.dumps({
