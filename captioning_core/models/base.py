@@ -26,6 +26,9 @@ class Captioner(ABC):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.model_dir = cfg.pretrained_model_name_or_path
+        self.model = None  # set by setup()
+        self.tokenizer = None  # set by setup(); the runner checks it to know whether setup ran
 
     @classmethod  # noqa: B027 - an optional hook, empty by default
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

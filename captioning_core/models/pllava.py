@@ -226,14 +226,10 @@ def sample_frames(path: str, num_frames: int) -> np.ndarray:
 
 class PllavaCaptioner(Captioner):
     name = "pllava"
-    required_files = ("config.json",)
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.opts = PllavaOptions(**cfg.model_options)
-        self.model_dir = cfg.pretrained_model_name_or_path
-        self.model = None
-        self.tokenizer = None
         self.image_processor = None
         self.prompt_ids: list[int] = []
         self.load_report = None

@@ -112,15 +112,11 @@ def sample_frames(path: str, opts: Qwen2VLOptions) -> np.ndarray:
 
 class Qwen2VLCaptioner(Captioner):
     name = "qwen2vl"
-    required_files = ("config.json",)
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.opts = Qwen2VLOptions(**cfg.model_options)
-        self.model_dir = cfg.pretrained_model_name_or_path
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
-        self.model = None
-        self.tokenizer = None
         self._prompt_head = self._prompt_tail = ""
 
     @classmethod
