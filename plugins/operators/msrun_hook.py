@@ -107,6 +107,7 @@ class MsrunHook(BaseHook):
         self.proc: subprocess.Popen | None = None
         self._tails: dict[str, collections.deque] = {}
         self._offsets: dict[int, int] = {}
+        self._killed = False
         self._stop = threading.Event()
 
     def build_argv(self) -> list[str]:
@@ -152,9 +153,10 @@ class MsrunHook(BaseHook):
             self._stop.set()
             for t in readers:
                 t.join(timeout=5)
-            self.kill()  # a worker msrun failed to reap must not outlive the task
-        if code != 0:
-            raise MsrunError(f"msrun exited with code {code}\n{self.failure_report()}")
+            self._stop_tree()  # a worker msrun failed to reap must not outlive the task
+        if code != 0 or self._killed:
+            why = "was killed" if self._killed else f"exited with code {code}"
+            raise MsrunError(f"msrun {why}\n{self.failure_report()}")
         return code
 
     def _emit(self, source: str, line: str) -> None:
@@ -214,25 +216,39 @@ class MsrunHook(BaseHook):
             return []
 
     def kill(self) -> None:
-        """SIGTERM msrun and every descendant, wait ``kill_grace``, then SIGKILL what is left."""
+        """Stop the job from outside (``on_kill``, timeouts): ``run()`` then raises even if msrun exits 0."""
+        self._killed = True
+        self._stop_tree()
+
+    def _stop_tree(self) -> None:
+        """SIGTERM msrun and every descendant, wait ``kill_grace``, then SIGKILL what is left.
+
+        msrun itself is waited for through its Popen only: reaping it any other way (psutil's wait) would
+        leave ``run()``'s own wait with no exit status, which Python reports as 0, i.e. success.
+        """
         if self.proc is None:
             return
         import psutil
 
-        procs = []
-        for pid in [self.proc.pid, *self.descendants()]:
+        descendants = []
+        for pid in self.descendants():
             try:
-                procs.append(psutil.Process(pid))
+                descendants.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
                 continue
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return
-        self.log.info("stopping msrun and %d descendants", len(alive) - 1)
-        for p in alive:
+        if self.proc.poll() is None or descendants:
+            self.log.info("stopping msrun and %d descendants", len(descendants))
+        if self.proc.poll() is None:
+            with _quiet():
+                self.proc.terminate()
+        for p in descendants:
             with _quiet():
                 p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=self.kill_grace)
+        _, alive = psutil.wait_procs(descendants, timeout=self.kill_grace)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
         for p in alive:
             with _quiet():
                 p.kill()
