@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 TABLE = "video_meta"
+
+log = logging.getLogger(__name__)
 
 
 def sql_dir() -> Path:
@@ -34,13 +37,26 @@ def transaction(conn) -> Iterator:
     """A cursor inside one transaction, for psycopg2 and psycopg 3 connections alike.
 
     (PostgresHook hands out psycopg 3 connections when it is installed; ``with conn`` would close those.)
+    If the server goes away mid-transaction, the server discards the transaction and the driver's own error
+    (an ``OperationalError``) propagates. psycopg2's ``with conn`` would replace it with "connection already
+    closed" from its rollback on the dead connection, hiding why the transaction failed.
     """
     if hasattr(conn, "transaction"):  # psycopg 3
         with conn.transaction(), conn.cursor() as cur:
             yield cur
-    else:
-        with conn, conn.cursor() as cur:
-            yield cur
+        return
+    cur = conn.cursor()
+    try:
+        yield cur
+        conn.commit()
+    except BaseException:
+        try:
+            conn.rollback()
+        except Exception as err:  # connection lost: nothing to roll back on this side
+            log.warning("rollback after a failed transaction failed too: %s", err)
+        raise
+    finally:
+        cur.close()
 
 
 def _sql_module(conn):
