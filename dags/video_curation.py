@@ -18,6 +18,13 @@ S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
 DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
 # Named, not an s3:// URI: an s3 URI makes every DAG parse initialise the providers manager (~0.6 s).
 MANIFEST_ASSET = Asset(name="video_training_manifest")
+# scrape, filter and train talk to PostgreSQL and S3: a server restart or a network blip fails the try (each
+# DB write is one transaction and every step is idempotent), and the next try completes it. The caption task
+# sets its own retries (CAPTION_RETRIES).
+DEFAULT_ARGS = {
+    "retries": int(os.environ.get("CURATION_RETRIES", "3")),
+    "retry_delay": timedelta(seconds=int(os.environ.get("CURATION_RETRY_DELAY_SECONDS", "30"))),
+}
 
 
 def _partition_key(context) -> str:
@@ -46,6 +53,7 @@ with DAG(
     start_date=datetime(2026, 11, 1),
     catchup=False,
     max_active_runs=2,
+    default_args=DEFAULT_ARGS,
     render_template_as_native_obj=True,  # params.caption_options renders as a dict, worker_num as an int
     tags=["video", "captioning"],
     params={
