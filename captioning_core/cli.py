@@ -13,6 +13,8 @@ AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (per-row failures ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -119,10 +121,21 @@ def run(cfg: RunConfig, info) -> int:
     except (PartitionError, ModelDirError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
+    log_settings(cfg, info)
     runtime.configure(cfg.device_target)
     stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
     log.info("rank stats %s", stats.to_dict())
     return 0
+
+
+def log_settings(cfg: RunConfig, info) -> None:
+    """What this rank runs with, as JSON: the configuration and the stage's own CAPTION_* environment.
+
+    Credentials never appear here: they are read from AWS_* variables, which are not logged.
+    """
+    own_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAPTION_")}
+    log.info("rank %d/%d settings %s", info.rank, info.world_size,
+             json.dumps({"config": dataclasses.asdict(cfg), "env": own_env}, ensure_ascii=False))
 
 
 def run_scheduler(argv: list[str] | None, model: str) -> int:

@@ -4,11 +4,16 @@ Syntax: comma-separated ``kind@rank:arg``. Kinds:
 - ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt.
 - ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
 - ``slow@R:S``      rank R sleeps S seconds after each journaled batch (to widen race windows).
+
+A fault may end in ``/tryN``: it then fires only in Airflow try N (``AIRFLOW_CTX_TRY_NUMBER``, which the
+task exports to msrun and its ranks), e.g. ``sigkill@1:2/try1`` kills rank 1 in the first try only, so
+the Airflow retry can show that it resumes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,11 +29,17 @@ class FaultPlan:
 
     @classmethod
     def from_env(cls, rank: int, env: dict[str, str] | None = None) -> FaultPlan:
-        spec = (os.environ if env is None else env).get(ENV, "")
+        env = os.environ if env is None else env
+        spec = env.get(ENV, "")
         plan = cls()
         for item in filter(None, (s.strip() for s in spec.split(","))):
             kind, _, rest = item.partition("@")
             target, _, arg = rest.partition(":")
+            arg, _, only_try = arg.partition("/")
+            if only_try and not re.fullmatch(r"try\d+", only_try):
+                raise ValueError(f"{ENV}: bad try qualifier {only_try!r} in {item!r}")
+            if only_try and only_try != f"try{env.get('AIRFLOW_CTX_TRY_NUMBER', '')}":
+                continue
             if not target or int(target) != rank:
                 continue
             if kind == "sigkill":

@@ -6,6 +6,7 @@ so that its configuration never leaks into the caller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ class AirflowEnv:
     s3_env: dict[str, str]
     db_uri: str
     extra: dict[str, str] = field(default_factory=dict)
+    dags_folder: Path = REPO / "dags"
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,7 @@ class AirflowEnv:
         env.update({
             "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
             "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": "4",
@@ -75,3 +77,31 @@ class AirflowEnv:
 
     def dags_test(self, dag_id: str, logical_date: str, conf: dict) -> subprocess.CompletedProcess:
         return self.airflow("dags", "test", dag_id, logical_date, "-c", json.dumps(conf), check=False)
+
+    def task_results(self, dag_id: str, task_id: str) -> list[tuple[str, int, object]]:
+        """(run_id, map_index, return value) of every finished try of a task, read from the metadata DB."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.home / "airflow.db")) as db:
+            rows = db.execute("SELECT run_id, map_index, value FROM xcom WHERE dag_id = ? AND task_id = ? "
+                              "AND key = 'return_value' ORDER BY run_id, map_index", (dag_id, task_id)).fetchall()
+        return [(run_id, map_index, _json_value(value)) for run_id, map_index, value in rows]
+
+    def task_tries(self, dag_id: str, task_id: str) -> list[tuple[str, int, str]]:
+        """(run_id, try_number, state) of every try of a task, from the task-instance history and table."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.home / "airflow.db")) as db:
+            query = "SELECT run_id, try_number, state FROM {} WHERE dag_id = ? AND task_id = ?"
+            rows = [*db.execute(query.format("task_instance_history"), (dag_id, task_id)),
+                    *db.execute(query.format("task_instance"), (dag_id, task_id))]
+        return sorted(rows)
+
+
+def _json_value(value):
+    while isinstance(value, str | bytes):  # stored as JSON text (possibly encoded twice)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            break
+    return value

@@ -1,0 +1,41 @@
+"""One AscendCaptionOperator over one partition, every templated field from params: the drills' DAG.
+
+Only tests load this folder (testkit.airflow_env.AirflowEnv with ``dags_folder``); production DAGs live in
+``dags/``. Retries come from CAPTION_RETRIES with a 1 s delay so a retry drill runs in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from operators.ascend_caption import AscendCaptionOperator
+
+with DAG(
+    dag_id="caption_drill",
+    schedule=None,
+    start_date=datetime(2026, 11, 1),
+    render_template_as_native_obj=True,
+    params={
+        "meta_path": Param(type="string"),
+        "output_uri": Param(type="string"),
+        "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", ""), type="string"),
+        "caption_options": Param({}, type="object"),
+        "env": Param({}, type="object"),
+    },
+) as dag:
+    AscendCaptionOperator(
+        task_id="caption",
+        meta_path="{{ params.meta_path }}",
+        output_uri="{{ params.output_uri }}",
+        model_dir="{{ params.model_dir }}",
+        caption_options="{{ params.caption_options }}",
+        env="{{ params.env }}",
+        worker_num=2,
+        local_worker_num=2,
+        aws_conn_id="caption_s3",
+        retries=int(os.environ.get("CAPTION_RETRIES", "1")),
+        retry_delay=timedelta(seconds=1),
+    )
