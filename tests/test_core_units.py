@@ -116,3 +116,18 @@ def test_model_dir_problems_are_named_up_front(tmp_path):
         check_model_dir(str(model))
     (model / "model-00002-of-00002.safetensors").write_bytes(b"")
     check_model_dir(str(model))
+
+
+def test_fault_plan_targets_a_rank_and_optionally_one_airflow_try():
+    from captioning_core.faults import FaultPlan
+
+    spec = {"CAPTION_FAULTS": "sigkill@1:2/try1, oom@0:3+5, slow@1:0.5"}
+    assert FaultPlan.from_env(0, spec) == FaultPlan(oom_rows={3, 5})
+    assert FaultPlan.from_env(1, spec) == FaultPlan(sleep_per_batch=0.5)  # not in an Airflow try: no kill
+    assert FaultPlan.from_env(1, {**spec, "AIRFLOW_CTX_TRY_NUMBER": "1"}).kill_after_rows == 2
+    assert FaultPlan.from_env(1, {**spec, "AIRFLOW_CTX_TRY_NUMBER": "2"}).kill_after_rows is None
+    with pytest.raises(MemoryError, match=r"rows \[3\]"):
+        FaultPlan.from_env(0, spec).before_generate([2, 3])
+    for bad in ("explode@0:1", "sigkill@0:1/second"):
+        with pytest.raises(ValueError, match="CAPTION_FAULTS"):
+            FaultPlan.from_env(0, {"CAPTION_FAULTS": bad})
