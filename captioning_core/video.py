@@ -1,16 +1,26 @@
-"""Video reading with decord and frame sampling for both model families.
+"""Video reading (decord for the frame table, PyAV for sampled decoding) and frame sampling for both models.
 
 Qwen2-VL: frames sampled at ``fps`` the way qwen-vl-utils does (clamped to [4, min(768, total)] and
 rounded to an even count), then resized so that height*width stays within a pixel budget at the video's
 aspect ratio, in multiples of 28 (transformers' ``smart_resize``).
 PLLaVA: ``num_frames`` frames at segment centres (``ChatPllava.get_index``).
+
+Frame counts, fps and indices are decord's (what both seeds sample with). The sampled frames are decoded by
+PyAV: decode forward, seek only when a keyframe lies between the next frame and the wanted one, and convert
+only the wanted frames to RGB. decord's ``get_batch`` re-seeks (and restarts its decoder thread) far more
+often and converts through a slower path; see docs/BENCHMARKS.md. When PyAV's packet table does not match
+decord's frame table exactly (several video streams, edit-list discards, missing timestamps, a truncated
+file), ``read_frames`` uses ``get_batch``, so the frames returned are always decord's frames at those indices.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +29,8 @@ QWEN_MIN_FRAMES = 4
 QWEN_MAX_FRAMES = 768
 QWEN_SIZE_FACTOR = 28
 VIDEO_MIN_PIXELS = 128 * 28 * 28
+
+log = logging.getLogger(__name__)
 
 
 class VideoError(Exception):
@@ -33,19 +45,36 @@ class VideoInfo:
     width: int
 
 
-def open_video(path: str):
+@dataclass
+class Video:
+    """An opened video: decord's reader (frame table, fps, fallback decoding) and the path PyAV decodes."""
+
+    path: str
+    reader: Any
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_avg_fps(self) -> float:
+        return self.reader.get_avg_fps()
+
+
+def _decode_threads() -> int:
+    # 0 = decoder threads chosen by FFmpeg; set CAPTION_DECODE_THREADS to pin it (e.g. 1 with many workers)
+    return int(os.environ.get("CAPTION_DECODE_THREADS", "0"))
+
+
+def open_video(path: str) -> Video:
     """Open ``path`` with decord; every decord failure becomes a VideoError with the reason."""
     import decord
 
     try:
-        # 0 = decoder threads chosen by FFmpeg; set CAPTION_DECODE_THREADS to pin it (e.g. 1 with many workers)
-        reader = decord.VideoReader(path, ctx=decord.cpu(0),
-                                    num_threads=int(os.environ.get("CAPTION_DECODE_THREADS", "0")))
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=_decode_threads())
     except Exception as err:  # decord raises DECORDError, which is not a RuntimeError
         raise VideoError(f"cannot open video: {_short(err)}") from err
     if len(reader) == 0:
         raise VideoError("video has no decodable frames")
-    return reader
+    return Video(str(path), reader)
 
 
 def probe(path: str) -> VideoInfo:
@@ -55,15 +84,94 @@ def probe(path: str) -> VideoInfo:
     return VideoInfo(len(reader), float(reader.get_avg_fps() or 0.0), int(height), int(width))
 
 
-def read_frames(reader, indices: list[int]) -> np.ndarray:
-    """Decode the frames at ``indices`` as a uint8 (T, H, W, 3) array."""
+def read_frames(video: Video, indices: list[int]) -> np.ndarray:
+    """Decode the frames at ``indices`` as a uint8 (T, H, W, 3) array: exactly decord's frames there."""
+    indices = [int(i) for i in indices]
+    total = len(video)
+    if not indices or min(indices) < 0 or max(indices) >= total:
+        raise VideoError(f"frame indices out of range for a {total}-frame video: {indices[:8]}")
+    frames = None
     try:
-        frames = reader.get_batch(indices).asnumpy()
-    except Exception as err:
-        raise VideoError(f"cannot decode frames: {_short(err)}") from err
+        frames = _read_pyav(video.path, indices, total)
+    except _TableMismatch as why:
+        log.debug("%s: decoding with decord's get_batch (%s)", video.path, why)
+    except Exception as err:  # decord decides whether the clip is readable; it raises the VideoError
+        log.debug("%s: PyAV failed (%s); decoding with decord's get_batch", video.path, _short(err))
+    if frames is None:
+        frames = _read_decord(video.reader, indices)
     if frames.ndim != 4 or frames.shape[0] != len(indices):
         raise VideoError(f"decoder returned {frames.shape} for {len(indices)} frames")
     return frames
+
+
+def read_frames_decord(video: Video, indices: list[int]) -> np.ndarray:
+    """decord's ``get_batch`` of ``indices`` (the reference read_frames matches; the benchmark's baseline)."""
+    return _read_decord(video.reader, [int(i) for i in indices])
+
+
+def _read_decord(reader, indices: list[int]) -> np.ndarray:
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except Exception as err:
+        raise VideoError(f"cannot decode frames: {_short(err)}") from err
+
+
+class _TableMismatch(Exception):
+    """PyAV's view of the stream differs from decord's frame table: use decord."""
+
+
+def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
+    """Frames at ``indices`` (frame i = the i-th smallest packet pts, as decord numbers them)."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    with av.open(path) as container:
+        if len(container.streams.video) != 1:
+            raise _TableMismatch(f"{len(container.streams.video)} video streams")
+        stream = container.streams.video[0]
+        stream.thread_count = _decode_threads()
+        pts, key_pts = [], []
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's flush packet
+                continue
+            if packet.pts is None or packet.is_discard:
+                raise _TableMismatch("a packet without pts or marked discard")
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                key_pts.append(packet.pts)
+        pts.sort()
+        rank = {p: i for i, p in enumerate(pts)}
+        if len(pts) != total or len(rank) != total or not key_pts:
+            raise _TableMismatch(f"{len(pts)} packets ({len(rank)} distinct pts) for {total} frames")
+        keys = sorted(rank[p] for p in key_pts)
+        if keys[0] != 0:
+            raise _TableMismatch("first frame is not a keyframe")
+        slots: dict[int, list[int]] = {}
+        for k, index in enumerate(indices):
+            slots.setdefault(index, []).append(k)
+        out = None
+        reformatter = VideoReformatter()  # one swscale context for the clip (a frame's own is rebuilt per frame)
+        frames = None
+        next_index = -1  # index of the next frame the decoder will give; -1 = nothing decoded yet
+        for index in sorted(slots):
+            key = keys[bisect.bisect_right(keys, index) - 1]
+            if next_index < 0 or key > next_index:  # a keyframe in between: seeking skips decoding
+                container.seek(pts[key], stream=stream, backward=True)
+                frames = container.decode(stream)
+            for frame in frames:
+                at = rank.get(frame.pts, -1)
+                next_index = at + 1
+                if at == index:
+                    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    if out is None:
+                        out = np.empty((len(indices), *rgb.shape), dtype=np.uint8)
+                    out[slots[index]] = rgb
+                    break
+                if at > index or at < 0:
+                    raise _TableMismatch(f"decoder gave frame {at} while looking for {index}")
+            else:
+                raise _TableMismatch(f"decoder ended before frame {index}")
+    return out
 
 
 def qwen_frame_count(total_frames: int, video_fps: float, fps: float,
