@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class Qwen2VLOptions:
     width: int = 672
     fps: float = 4.0
     min_pixels: int = video.VIDEO_MIN_PIXELS
+    max_video_tokens: int | None = None  # None: no cap (the captioner sets one from the model's context)
 
     def __post_init__(self) -> None:
         if self.height < 28 or self.width < 28:
@@ -35,6 +36,8 @@ class Qwen2VLOptions:
             raise ValueError(f"--fps must be > 0, got {self.fps}")
         if not (0 < self.min_pixels <= self.height * self.width):
             raise ValueError(f"--min_pixels must be in (0, height*width], got {self.min_pixels}")
+        if self.max_video_tokens is not None and self.max_video_tokens < 1:
+            raise ValueError(f"--max_video_tokens must be >= 1, got {self.max_video_tokens}")
 
     @property
     def max_pixels(self) -> int:
@@ -49,6 +52,14 @@ class PatchConfig:
     merge_size: int = 2
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels of one frame that become one language-model token (a merged patch: 28x28)."""
+        return (self.patch_size * self.merge_size) ** 2
+
+    def temporal_groups(self, nframes: int) -> int:
+        return -(-nframes // self.temporal_patch_size)
 
     @classmethod
     def from_model_dir(cls, path: str) -> PatchConfig:
@@ -98,16 +109,41 @@ def patchify(frames: np.ndarray, pc: PatchConfig) -> tuple[np.ndarray, tuple[int
     return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
 
 
-def sample_frames(path: str, opts: Qwen2VLOptions) -> np.ndarray:
-    """Decode the frames Qwen2-VL would see, resized to the pixel budget: uint8 (T, H', W', 3)."""
+def sample_frames(path: str, opts: Qwen2VLOptions, pc: PatchConfig | None = None) -> np.ndarray:
+    """Decode the frames Qwen2-VL would see, resized to the pixel budget: uint8 (T, H', W', 3).
+
+    With ``opts.max_video_tokens`` a long video still fits the model: first each frame's pixel budget
+    shrinks (as qwen-vl-utils does with its total-pixel cap), and if even ``min_pixels`` per frame is too
+    much, fewer frames (evenly spaced among the sampled ones) are kept.
+    """
+    pc = pc or PatchConfig()
     reader = video.open_video(path)
     total = len(reader)
     nframes = video.qwen_frame_count(total, float(reader.get_avg_fps() or 0.0), opts.fps)
     indices = video.qwen_frame_indices(total, nframes)
     frames = video.read_frames(reader, indices)
-    height, width = video.qwen_target_size(frames.shape[1], frames.shape[2], opts.max_pixels,
-                                           opts.min_pixels)
+    max_pixels = opts.max_pixels
+    if opts.max_video_tokens:
+        max_pixels = max(opts.min_pixels, min(max_pixels, opts.max_video_tokens * pc.token_pixels
+                                              // pc.temporal_groups(len(frames))))
+    height, width = video.qwen_target_size(frames.shape[1], frames.shape[2], max_pixels, opts.min_pixels)
+    if opts.max_video_tokens:
+        per_group = (height * width) // pc.token_pixels
+        keep = max(1, opts.max_video_tokens // per_group) * pc.temporal_patch_size
+        if keep < len(frames):
+            frames = frames[np.linspace(0, len(frames) - 1, keep).round().astype(int)]
     return video.resize_frames(frames, height, width)
+
+
+def context_video_tokens(model_dir: str, max_new_tokens: int, prompt_room: int = 256) -> int | None:
+    """The video-token budget that keeps prompt + video + caption within the model's context window."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    limit = raw.get("max_position_embeddings") or (raw.get("text_config") or {}).get("max_position_embeddings")
+    return max(1, int(limit) - max_new_tokens - prompt_room) if limit else None
 
 
 class Qwen2VLCaptioner(Captioner):
@@ -117,6 +153,9 @@ class Qwen2VLCaptioner(Captioner):
         super().__init__(cfg)
         self.opts = Qwen2VLOptions(**cfg.model_options)
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
+        if self.opts.max_video_tokens is None:
+            cap = context_video_tokens(self.model_dir, cfg.max_new_tokens)
+            self.opts = replace(self.opts, max_video_tokens=cap)
         self._prompt_head = self._prompt_tail = ""
 
     @classmethod
@@ -127,14 +166,18 @@ class Qwen2VLCaptioner(Captioner):
         parser.add_argument("--fps", type=float, default=4, help="frames sampled per second (default 4)")
         parser.add_argument("--min_pixels", type=int, default=video.VIDEO_MIN_PIXELS,
                             help="lower pixel bound per frame, as qwen-vl-utils (default 128*28*28)")
+        parser.add_argument("--max_video_tokens", type=int, default=None,
+                            help="cap on a video's tokens: long videos get smaller frames, then fewer frames "
+                                 "(default: the model's max_position_embeddings - max_new_tokens - 256)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        opts = Qwen2VLOptions(height=args.height, width=args.width, fps=args.fps, min_pixels=args.min_pixels)
+        opts = Qwen2VLOptions(height=args.height, width=args.width, fps=args.fps, min_pixels=args.min_pixels,
+                              max_video_tokens=args.max_video_tokens)
         return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:
-        frames = sample_frames(local_path, self.opts)
+        frames = sample_frames(local_path, self.opts, self.patch)
         pixels, grid = patchify(frames, self.patch)
         picks = np.linspace(0, len(frames) - 1, min(4, len(frames))).round().astype(int)
         return PreparedVideo(pixels, grid, frames.shape[0], frames[picks])
