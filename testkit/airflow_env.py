@@ -58,6 +58,7 @@ class AirflowEnv:
             "CAPTION_MODEL_DIR": str(TINY_QWEN2VL),
             "CAPTION_QUEUE": "default",
             "CAPTION_RETRY_DELAY_SECONDS": "5",
+            "CURATION_RETRY_DELAY_SECONDS": "5",
             "CAPTION_MSRUN_LOG_ROOT": str(self.msrun_log_root),
             "PYTHONUNBUFFERED": "1",
         })
