@@ -88,6 +88,20 @@ def test_on_kill_stops_msrun_and_every_worker(local_partition, tmp_path):
     assert not runner.is_alive()
     assert isinstance(errors[0], MsrunError)
     _assert_all_gone(tree + [w.pid for w in workers])
+    _next_attempt_completes(local_partition, tmp_path)
+
+
+def _next_attempt_completes(meta, tmp_path) -> None:
+    """After the kill, a plain next attempt finishes the partition: every row once, each caption right."""
+    import pandas as pd
+
+    spec = MsrunSpec(SCRIPT, _script_args(meta), log_dir=str(tmp_path / "log-next"),
+                     master_port=pick_free_port(29200))
+    MsrunHook(spec, {}, line_sink=lambda line: None).run()
+    out = pd.read_csv(meta.with_name("meta_caption_qwen2vl.csv"), dtype=str, keep_default_na=False)
+    assert out["path"].tolist() == pd.read_csv(meta, dtype=str)["path"].tolist()
+    assert out["caption_status"].tolist() == ["ok"] * len(SMALL_SPECS)
+    assert out["text"].tolist() == [spec.caption for spec in SMALL_SPECS]
 
 
 def _run(hook):
@@ -121,6 +135,7 @@ def test_sigkill_of_the_task_process_takes_msrun_and_workers_down(local_partitio
         os.kill(task.pid, signal.SIGKILL)  # no on_kill, no cleanup code runs in the task process
         task.wait(timeout=10)
         _assert_all_gone(tree + [w.pid for w in workers])
+        _next_attempt_completes(local_partition, tmp_path)
     finally:
         if task.poll() is None:
             task.kill()
