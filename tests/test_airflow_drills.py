@@ -160,3 +160,30 @@ def test_shell_metacharacters_arrive_literally_at_the_ranks(make_env, s3_server,
     assert not list(tmp_path.rglob("canary*"))
     for where in (tmp_path, env.home, Path.cwd()):
         assert not list(where.rglob("pwned")), where
+
+
+def test_bad_partition_or_model_dir_fails_up_front_without_msrun(make_env, s3_server, s3_bucket, drill_clips,
+                                                                  tmp_path):
+    """A meta CSV without `path`, or an incomplete model dir, fails the task at once (no retry, no msrun),
+    naming the problem in the task log."""
+    client = s3_server.client()
+    meta, _ = upload_partition(client, s3_bucket, "drill-bad", drill_clips[:1])
+    client.put_object(Bucket=s3_bucket, Key="drill-bad/nopath.csv", Body=b"video,aes\na.mp4,1\n")
+    incomplete = tmp_path / "incomplete-model"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text((TINY_QWEN2VL / "config.json").read_text())
+    env = make_env(CAPTION_RETRIES="2")
+    cases = [
+        (_conf(f"s3://{s3_bucket}/drill-bad/nopath.csv", f"s3://{s3_bucket}/drill-bad/out-a.csv"), "no 'path' column"),
+        (_conf(meta, f"s3://{s3_bucket}/drill-bad/out-b.csv", model_dir=str(incomplete)),
+         "is incomplete; missing: model weights (*.safetensors), tokenizer"),
+    ]
+    for conf, message in cases:
+        proc = env.dags_test(DAG_ID, DATE, conf)
+        assert proc.returncode != 0
+        assert message in proc.stdout + proc.stderr
+        # failed for good in try 1 despite retries=2: retrying cannot fix the input
+        assert [(t, s) for _, t, s in env.task_tries(DAG_ID, "caption")] == [(1, "failed")]
+    assert not list(env.msrun_log_root.rglob("*.log"))
+    assert not [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="drill-bad/").get("Contents", [])
+                if o["Key"].endswith((".lease", "out-a.csv", "out-b.csv"))]

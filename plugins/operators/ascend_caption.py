@@ -195,6 +195,18 @@ class AscendCaptionOperator(BaseOperator):
         if "path" not in header:
             raise AirflowFailException(f"{self.meta_path}: no 'path' column (header: {header})")
 
+    def _check_model_dir(self) -> None:
+        """A missing or incomplete checkpoint on this host fails here, naming what is missing, before msrun."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from captioning_core.models import captioner_class
+        from captioning_core.models.base import ModelDirError, check_model_dir
+
+        try:
+            check_model_dir(self.model_dir, captioner_class(self.model).required_files)
+        except ModelDirError as err:
+            raise AirflowFailException(str(err)) from err
+
     def _default_log_dir(self, context: Context) -> str:
         ti = context["ti"]
         root = os.environ.get("CAPTION_MSRUN_LOG_ROOT") or os.path.join(tempfile.gettempdir(), "caption-msrun")
@@ -249,6 +261,7 @@ class AscendCaptionOperator(BaseOperator):
         launched = False
         if not (self.skip_if_existing and self._exists(client, self.output_uri)):
             self._check_meta(client)
+            self._check_model_dir()
             script_args = self._script_args()
             bucket, key = split_s3(self.output_uri)
             ti = context["ti"]
