@@ -82,13 +82,21 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
             assert secret.encode() not in path.read_bytes(), path
 
     # The same logical date again: nothing changes and no msrun is launched.
-    before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    before = _objects(client, bucket)
     second = env.dags_test("video_curation", KEY, conf)
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
-    after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert after == before
+    assert _objects(client, bucket) == before  # same keys, same bytes, never rewritten
     assert _table(conn) == table
     assert sorted(p for p in env.msrun_log_root.rglob("worker_0.log")) == msrun_runs
+
+
+def _objects(client, bucket: str) -> dict[str, tuple]:
+    """Every object's (last-modified, sha256 of its bytes)."""
+    import hashlib
+
+    return {o["Key"]: (o["LastModified"], hashlib.sha256(client.get_object(Bucket=bucket, Key=o["Key"])["Body"]
+                                                         .read()).hexdigest())
+            for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
 
 
 def test_schema_applies_twice(pg_database):
