@@ -177,3 +177,36 @@ def test_oom_on_one_rank_with_allgather_fails_only_that_row(
     rank1 = result.rank_logs()[1]
     assert any("batch of 2 failed (out of memory); retrying one row at a time" in line for line in rank1)
     assert any("published" in line for line in result.rank_logs()[0])
+
+
+def test_s3_outage_mid_run_under_msrun_is_ridden_out(s3_server, s3_bucket, partition_clips, run_msrun, tmp_path):
+    """Drill 3 with the real stage: S3 stops for ~4 s while both ranks are captioning; every read and
+    write in flight retries, and the partition completes with every row right."""
+    import threading
+
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "part-outage", partition_clips[:8])
+    parts = "part-outage/meta_caption_qwen2vl.csv.parts/"
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(result=run_msrun(
+        meta, *TINY_ARGS, log_dir=tmp_path / "log", env={"CAPTION_FAULTS": "slow@0:1,slow@1:1"})))
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not _journaled_rows(client, s3_bucket, parts):  # both ranks past model load, mid-partition
+        assert runner.is_alive() and time.monotonic() < deadline, box
+        time.sleep(0.3)
+    s3_server.stop()
+    time.sleep(4)
+    s3_server.start()
+    runner.join(timeout=600)
+    result = box["result"]
+    assert result.returncode == 0, result.tail
+    retried = [line for lines in result.rank_logs().values() for line in lines if "failed" in line and
+               "retrying in" in line]
+    assert retried, "the outage never hit an S3 call"
+    client = s3_server.client()
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
+    assert out["path"].tolist() == [r.path for r in rows]
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
+        assert (got["caption_status"], got["text"]) == expected
