@@ -90,6 +90,54 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
     assert sorted(p for p in env.msrun_log_root.rglob("worker_0.log")) == msrun_runs
 
 
+def test_database_down_at_write_back_then_the_airflow_retry_completes(curation_world, pg_server):
+    """Drill 8 through Airflow: PostgreSQL is down when `train` starts its write-back; that try fails,
+    the database comes back, and Airflow's retry writes every caption."""
+    import sqlite3
+    import threading
+    import time
+
+    env, bucket, client, conn, expected = curation_world
+    dbname = conn.info.dbname
+    conn.close()  # this session would not survive the restart
+    env.extra["CURATION_RETRY_DELAY_SECONDS"] = "8"
+    conf = {"bucket": bucket, "shard_size": 3, "caption_options": TINY_CAPTION_OPTIONS}
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(proc=env.dags_test("video_curation", KEY, conf)))
+    runner.start()
+
+    def train_state():
+        try:
+            with sqlite3.connect(env.home / "airflow.db") as db:
+                row = db.execute("SELECT state FROM task_instance WHERE task_id = 'train'").fetchone()
+        except sqlite3.Error:
+            return None
+        return row[0] if row else None
+
+    deadline = time.monotonic() + 900
+    while not list(env.msrun_log_root.rglob("worker_0.log")):  # scrape and filter are done: caption runs
+        assert runner.is_alive() and time.monotonic() < deadline, box
+        time.sleep(0.5)
+    pg_server.stop()
+    try:
+        while train_state() != "up_for_retry":
+            assert runner.is_alive() and time.monotonic() < deadline, box
+            time.sleep(0.2)
+    finally:
+        pg_server.start()
+    runner.join(timeout=900)
+    proc = box["proc"]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert [(t, s) for _, t, s in env.task_tries("video_curation", "train")] == [(1, "failed"), (2, "success")]
+    conn = pg_server.connect(dbname)
+    try:
+        table = _table(conn)
+    finally:
+        conn.close()
+    assert {p: (row[0], row[2], row[1]) for p, row in table.items() if p in expected} == {
+        p: ("kept", "ok", caption) for p, caption in expected.items()}
+
+
 def _objects(client, bucket: str) -> dict[str, tuple]:
     """Every object's (last-modified, sha256 of its bytes)."""
     import hashlib
