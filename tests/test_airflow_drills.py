@@ -143,7 +143,8 @@ def test_shell_metacharacters_arrive_literally_at_the_ranks(make_env, s3_server,
     conf["caption_options"]["question"] = question
 
     env = make_env()
-    proc = env.dags_test(DAG_ID, DATE, conf)
+    with _ArgvSampler() as argvs:
+        proc = env.dags_test(DAG_ID, DATE, conf)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     out = _read_output(client, output)  # the output landed at exactly the templated key
     assert out["path"].tolist() == [r.path for r in rows]
@@ -160,6 +161,47 @@ def test_shell_metacharacters_arrive_literally_at_the_ranks(make_env, s3_server,
     assert not list(tmp_path.rglob("canary*"))
     for where in (tmp_path, env.home, Path.cwd()):
         assert not list(where.rglob("pwned")), where
+
+    # Credentials: from the Airflow connection to the ranks' environment only. Never on a command line
+    # (msrun's, the scheduler process's, the ranks'), in a task or rank log, or in the XCom.
+    secret, key_id = env.s3_env["AWS_SECRET_ACCESS_KEY"], env.s3_env["AWS_ACCESS_KEY_ID"]
+    assert any("msrun" in " ".join(a) for a in argvs) and any("caption_qwen2vl.py" in " ".join(a) for a in argvs)
+    assert not [a for a in argvs if secret in " ".join(a) or key_id in " ".join(a)]
+    assert secret not in proc.stdout + proc.stderr
+    for log in [*env.msrun_log_root.rglob("*.log"), *env.home.glob("logs/**/*")]:
+        if log.is_file():
+            assert secret.encode() not in log.read_bytes(), log
+    assert secret not in json.dumps(env.task_results(DAG_ID, "caption"))
+
+
+class _ArgvSampler:
+    """Records the command line of every process started under this one while the block runs."""
+
+    def __enter__(self) -> list[list[str]]:
+        import threading
+
+        self.seen: list[list[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self.seen
+
+    def _loop(self) -> None:
+        import psutil
+
+        pids = set()
+        while not self._stop.wait(0.2):
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if child.pid not in pids:
+                        pids.add(child.pid)
+                        self.seen.append(child.cmdline())
+                except psutil.Error:
+                    continue
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def test_bad_partition_or_model_dir_fails_up_front_without_msrun(make_env, s3_server, s3_bucket, drill_clips,
