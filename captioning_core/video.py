@@ -29,6 +29,9 @@ QWEN_MIN_FRAMES = 4
 QWEN_MAX_FRAMES = 768
 QWEN_SIZE_FACTOR = 28
 VIDEO_MIN_PIXELS = 128 * 28 * 28
+# Seek only when it skips more frames than this: a seek (demuxer reposition + decoder flush) costs about as
+# much as decoding a few frames, so dense sampling decodes straight through (docs/BENCHMARKS.md, item 3).
+SEEK_MIN_SKIP = int(os.environ.get("CAPTION_SEEK_MIN_SKIP", "8"))
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
         if len(container.streams.video) != 1:
             raise _TableMismatch(f"{len(container.streams.video)} video streams")
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads, as decord uses: ~2x on camera-like content
         stream.thread_count = _decode_threads()
         pts, key_pts = [], []
         for packet in container.demux(stream):
@@ -155,7 +159,7 @@ def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
         next_index = -1  # index of the next frame the decoder will give; -1 = nothing decoded yet
         for index in sorted(slots):
             key = keys[bisect.bisect_right(keys, index) - 1]
-            if next_index < 0 or key > next_index:  # a keyframe in between: seeking skips decoding
+            if next_index < 0 or key - next_index > SEEK_MIN_SKIP:  # seeking skips decoding enough frames
                 container.seek(pts[key], stream=stream, backward=True)
                 frames = container.decode(stream)
             for frame in frames:
