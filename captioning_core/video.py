@@ -6,9 +6,9 @@ aspect ratio, in multiples of 28 (transformers' ``smart_resize``).
 PLLaVA: ``num_frames`` frames at segment centres (``ChatPllava.get_index``).
 
 Frame counts, fps and indices are decord's (what both seeds sample with). The sampled frames are decoded by
-PyAV: decode forward, seek only when a keyframe lies between the next frame and the wanted one, and convert
-only the wanted frames to RGB. decord's ``get_batch`` re-seeks (and restarts its decoder thread) far more
-often and converts through a slower path; see docs/BENCHMARKS.md. When PyAV's packet table does not match
+PyAV: decode forward, seek only when that skips more than a few frames, and convert only the wanted frames
+to RGB. It is as fast as decord's ``get_batch`` or faster in total, and frame-exact on open-GOP clips, where
+``get_batch`` is not; see docs/BENCHMARKS.md. When PyAV's packet table does not match
 decord's frame table exactly (several video streams, edit-list discards, missing timestamps, a truncated
 file), ``read_frames`` uses ``get_batch``, so the frames returned are always decord's frames at those indices.
 """
