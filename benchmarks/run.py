@@ -77,7 +77,8 @@ if {mode!r} == "runner":
     stats = RankRunner(cfg, RankInfo(0, 1), cap).run()
     print(json.dumps({{"rows": stats.rows_processed, "wall": stats.wall_seconds, "busy": stats.busy_fraction,
                       "decode": stats.decode_seconds, "calls": stats.generate_calls,
-                      "generate": stats.busy_seconds}}))
+                      "generate": stats.busy_seconds, "wait": stats.input_wait_seconds,
+                      "load": stats.load_seconds}}))
 else:  # the seed's loop: one video at a time, decode then generate, nothing overlapped
     import pandas as pd
     cap.setup()
@@ -107,7 +108,7 @@ def bench_throughput(work: Path) -> None:
     bench_decode_heavy(work)
 
 
-def bench_decode_heavy(work: Path, rows: int = 12) -> None:
+def bench_decode_heavy(work: Path, rows: int = 24) -> None:
     """Item 2 where decoding costs about what generate does: 60 s camera-like 640x360 clips with a 250-frame
     GOP, 6 frames sampled (--fps 0.1) at 112x112, so the token count (and generate) stays small."""
     clip = _textured_clip(work / "heavy", seconds=60.0, gop=250)
@@ -124,7 +125,9 @@ def bench_decode_heavy(work: Path, rows: int = 12) -> None:
            f"{ratio:.2f}x ({ours['rows'] / ours['wall']:.2f} vs {seed['rows'] / seed['wall']:.2f} rows/s); "
            f"seed loop: decode {seed_decode:.2f}s per video, generate {seed_gen:.2f}s per call (bs 1); runner: "
            f"decode {ours['decode'] / ours['rows']:.2f}s per video in 2 threads, generate "
-           f"{ours['generate'] / ours['calls']:.2f}s per call (bs 4)", ">= 90%", ours["busy"] >= 0.9)
+           f"{ours['generate'] / ours['calls']:.2f}s per call (bs 4), waited {ours['wait']:.1f}s for decoded "
+           f"videos (the first batches decode during the {ours['load']:.1f}s model import+load)", ">= 90%",
+           ours["busy"] >= 0.9)
 
 
 def _textured_clip(directory: Path, seconds: float = 60.0, gop: int = 30, size: str = "640x360") -> Path:

@@ -8,6 +8,7 @@ others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ class RankStats:
     busy_seconds: float = 0.0
     wall_seconds: float = 0.0
     decode_seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # the model loop waiting for decoded videos: >0 means decode-bound
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -150,10 +152,12 @@ class RankRunner:
                  info.rank, info.world_size, len(partition), len(owned), stats.rows_skipped, len(pending))
         gathered: list[tuple[int, int, list[int]]] = []
         if pending:
-            started = time.perf_counter()
-            self.captioner.setup()
-            stats.load_seconds = time.perf_counter() - started
-            gathered = self._caption_rows(partition, pending, previous, stats)
+            self.captioner.setup_preprocessing()
+            with self._prefetched(partition, pending) as prepared:  # decoding starts while the model loads
+                started = time.perf_counter()
+                self.captioner.setup()
+                stats.load_seconds = time.perf_counter() - started
+                gathered = self._caption_rows(prepared, len(pending), previous, stats)
         if cfg.gather == "allgather":
             return self._finish_allgather(partition, gathered, stats)
         self._write_stats(stats)
@@ -161,18 +165,22 @@ class RankRunner:
         return stats
 
     # -- the loop -------------------------------------------------------------------------------------
-    def _caption_rows(self, partition: Partition, pending: list[int], previous: dict,
+    def _caption_rows(self, prepared: Iterator[Prepared], count: int, previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
         cfg = self.cfg
         writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
                                gallery.gallery_prefix(cfg.output))
-        progress = Progress(self.info, len(pending), cfg.log_every)
+        progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         t0 = time.perf_counter()
-        cache_dir = tempfile.mkdtemp(prefix="caption-cache-")
         try:
             batch: list[Prepared] = []
-            for prep in self._prefetch(partition, pending, cache_dir):
+            while True:
+                waited = time.perf_counter()
+                prep = next(prepared, None)
+                stats.input_wait_seconds += time.perf_counter() - waited
+                if prep is None:
+                    break
                 stats.decode_seconds += prep.seconds
                 if prep.error:
                     results = [self._failed(prep, prep.error, previous)]
@@ -190,7 +198,6 @@ class RankRunner:
                 writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                 self._account(results, stats, progress, t0)
         finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
             writer.close()
         stats.wall_seconds = time.perf_counter() - t0
         progress.done(stats)
@@ -203,22 +210,30 @@ class RankRunner:
         stats.wall_seconds = time.perf_counter() - t0
         progress.update(stats)
 
-    def _prefetch(self, partition: Partition, rows: list[int], cache_dir: str) -> Iterator[Prepared]:
-        """Prepared videos in row order, with up to ``prefetch_batches`` batches decoding ahead."""
+    @contextlib.contextmanager
+    def _prefetched(self, partition: Partition, rows: list[int]) -> Iterator[Iterator[Prepared]]:
+        """Prepared videos in row order. The first ``prefetch_batches + 1`` batches start decoding on entry
+        (so they decode while the model loads); afterwards up to that many batches decode ahead."""
         paths = partition.paths
         window = self.cfg.bs * (self.cfg.prefetch_batches + 1)
-        with ThreadPoolExecutor(self.cfg.prefetch_workers, thread_name_prefix="decode") as pool:
-            pending_rows = iter(rows)
-            futures: deque = deque()
-            for row in rows[:window]:
-                futures.append(pool.submit(self._prepare_one, row, paths[row], cache_dir))
-                next(pending_rows)
+        cache_dir = tempfile.mkdtemp(prefix="caption-cache-")
+        pool = ThreadPoolExecutor(self.cfg.prefetch_workers, thread_name_prefix="decode")
+        futures: deque = deque(pool.submit(self._prepare_one, row, paths[row], cache_dir) for row in rows[:window])
+        later = iter(rows[window:])
+
+        def in_order() -> Iterator[Prepared]:
             while futures:
                 prep = futures.popleft().result()
-                nxt = next(pending_rows, None)
+                nxt = next(later, None)
                 if nxt is not None:
                     futures.append(pool.submit(self._prepare_one, nxt, paths[nxt], cache_dir))
                 yield prep
+
+        try:
+            yield in_order()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
     def _prepare_one(self, row: int, path: str, cache_dir: str) -> Prepared:
         started = time.perf_counter()

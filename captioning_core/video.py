@@ -204,14 +204,25 @@ def qwen_frame_indices(total_frames: int, nframes: int) -> list[int]:
 
 def qwen_target_size(height: int, width: int, max_pixels: int,
                      min_pixels: int = VIDEO_MIN_PIXELS) -> tuple[int, int]:
-    """(h, w) in multiples of 28 with h*w within [min_pixels, max_pixels], keeping the aspect ratio."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    """(h, w) in multiples of 28 with h*w within [min_pixels, max_pixels], keeping the aspect ratio.
 
-    try:
-        return smart_resize(height, width, factor=QWEN_SIZE_FACTOR, min_pixels=min_pixels,
-                            max_pixels=max_pixels)
-    except ValueError as err:
-        raise VideoError(str(err)) from err
+    The arithmetic of transformers' ``smart_resize`` for Qwen2-VL (tests/test_video_sampling.py checks it
+    equal), written out so that decode threads need no transformers import: they then run while the main
+    thread imports mindnlp and loads the model.
+    """
+    factor = QWEN_SIZE_FACTOR
+    if max(height, width) / min(height, width) > 200:
+        raise VideoError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def pllava_frame_indices(total_frames: int, num_segments: int) -> list[int]:

@@ -58,6 +58,24 @@ def test_qwen_target_size_worked_examples():
     assert video.qwen_target_size(480, 854, 672 * 1008) == (476, 840)
 
 
+def test_qwen_target_size_equals_transformers_smart_resize():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    rng = np.random.default_rng(0)
+    sizes = [(240, 320), (2160, 3840), (1, 1), (14, 20), (10, 1999), (720, 1280)]
+    sizes += [tuple(int(x) for x in rng.integers(1, 4000, size=2)) for _ in range(300)]
+    budgets = [(3136, 12544), (100352, 301056), (3136, 7056), (100352, 602112)]
+    for height, width in sizes:
+        for lo, hi in budgets:
+            try:
+                want = smart_resize(height, width, factor=28, min_pixels=lo, max_pixels=hi)
+            except ValueError:
+                with pytest.raises(video.VideoError, match="aspect ratio"):
+                    video.qwen_target_size(height, width, hi, lo)
+                continue
+            assert video.qwen_target_size(height, width, hi, lo) == want, (height, width, lo, hi)
+
+
 def test_pllava_segment_centres_worked_examples():
     assert video.pllava_frame_indices(150, 4) == [18, 55, 92, 130]
     assert video.pllava_frame_indices(150, 16) == [

@@ -42,6 +42,10 @@ class Captioner(ABC):
     def prepare(self, local_path: str) -> Any:
         """Decode and preprocess one video; raise VideoError (or anything) for a per-row failure."""
 
+    def setup_preprocessing(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Whatever ``prepare`` needs, done in the main thread before background decoding starts (and so
+        before ``setup``, which then loads the weights while the first batches decode)."""
+
     @abstractmethod
     def setup(self) -> None:
         """Load tokenizer and weights."""

@@ -9,6 +9,7 @@ that nothing here imports torch before mindnlp.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -275,6 +276,13 @@ class PllavaCaptioner(Captioner):
         frames = sample_frames(local_path, self.opts.num_frames)
         return PreparedVideo(preprocess_frames(frames, self.image_processor), frames)
 
+    def setup_preprocessing(self) -> None:
+        runtime.import_mindnlp()
+        if self.image_processor is None:
+            with open(os.path.join(self.model_dir, "config.json"), encoding="utf-8") as fh:
+                vision = json.load(fh).get("vision_config") or {}
+            self.image_processor = load_image_processor(self.model_dir, int(vision.get("image_size", 336)))
+
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
         runtime.import_mindnlp()
@@ -288,7 +296,8 @@ class PllavaCaptioner(Captioner):
         config = pllava_arch.PllavaConfig.from_model_dir(self.model_dir, num_frames=opts.num_frames,
                                                           pooling_shape=list(opts.pooling_shape))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.image_processor = load_image_processor(self.model_dir, config.vision_config.image_size)
+        if self.image_processor is None:
+            self.image_processor = load_image_processor(self.model_dir, config.vision_config.image_size)
         prompt = opts.template.prompt(self.cfg.question)
         self.prompt_ids = self.tokenizer(prompt)["input_ids"]
         if self.prompt_ids.count(config.image_token_index) != 1:
