@@ -307,10 +307,14 @@ class AscendCaptionOperator(BaseOperator):
         skipped = sum(s.get("rows_skipped", 0) for s in this_try) if launched else summary["rows"]
         wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
         busy = sum(s.get("busy_seconds", 0.0) for s in this_try)
+        decoded = sum(s.get("rows_processed", 0) for s in this_try)
         return {"output": self.output_uri, "rows": summary["rows"], "captioned": summary["captioned"],
                 "failed": summary["failed"], "empty": summary.get("empty", 0), "skipped": skipped,
                 "launched": launched, "model_busy": round(busy / wall, 4) if wall else None,
-                "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in this_try), 4)}
+                "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in this_try), 4),
+                "decode_seconds_per_row": round(sum(s.get("decode_seconds", 0.0) for s in this_try) / decoded, 4)
+                if decoded else None,
+                "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3)}
 
     def on_kill(self) -> None:
         if self._hook is not None:
