@@ -19,7 +19,9 @@ took = time.perf_counter() - t
 print(json.dumps({{"errors": {{k: v[-2000:] for k, v in bag.import_errors.items()}},
                   "dags": sorted(bag.dag_ids), "seconds": took,
                   "heavy": [m for m in {HEAVY!r} if m in sys.modules],
-                  "tasks": {{d: sorted(bag.dags[d].task_ids) for d in bag.dag_ids}}}}))
+                  "tasks": {{d: sorted(bag.dags[d].task_ids) for d in bag.dag_ids}},
+                  "retries": {{t.task_id: [t.retries, t.retry_delay.total_seconds()]
+                              for t in bag.dags["video_curation"].tasks}}}}))
 """
 
 
@@ -33,3 +35,8 @@ def test_dag_folder_parses_without_heavy_imports(tmp_path):
     assert report["dags"] == ["train_on_manifest", "video_curation"]
     assert report["tasks"]["video_curation"] == ["caption", "filter", "scrape", "train"]
     assert report["heavy"] == [], f"DAG parsing imported {report['heavy']}"
+    # A failed write-back (e.g. the database restarting) is only completed if Airflow tries again: every
+    # task retries, with a delay; caption keeps its own CAPTION_RETRIES.
+    for task_id in ("scrape", "filter", "train"):
+        assert report["retries"][task_id][0] >= 1 and report["retries"][task_id][1] > 0, report["retries"]
+    assert report["retries"]["caption"][0] == 2

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +26,6 @@ import psycopg2
 import pytest
 
 from curation import metadb, steps
-from testkit.airflow_env import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +173,16 @@ def _wait_until_blocked_mid_transaction(world: World, writer_pid: int, blocker_p
 
 
 @pytest.mark.parametrize("driver", sorted(DRIVERS))
+def _train_try(world: World, connect) -> tuple[int, dict]:
+    """What the `train` task does on a fresh connection: write back, then the manifest."""
+    conn = connect(world.dsn)
+    try:
+        written = steps.write_back(world.s3, conn, KEY, world.results, MODEL)
+        return written, steps.write_manifest(world.s3, conn, KEY, world.bucket, "manifests")
+    finally:
+        conn.close()
+
+
 def test_postgres_restart_mid_write_back_rolls_back_and_the_retry_completes(world, pg_server, driver):
     connect, backend_pid, operational_error = DRIVERS[driver]
     before = world.snapshot()
@@ -233,12 +239,8 @@ def test_postgres_restart_mid_write_back_rolls_back_and_the_retry_completes(worl
                               "by_this_model": 0}
 
     # The retry, on a fresh connection as the next Airflow try gets, completes.
-    retry = connect(world.dsn)
-    try:
-        assert steps.write_back(world.s3, retry, KEY, world.results, MODEL) == ROWS
-        manifest = steps.write_manifest(world.s3, retry, KEY, world.bucket, "manifests")
-    finally:
-        retry.close()
+    written, manifest = _train_try(world, connect)
+    assert written == ROWS
     after = world.snapshot()
     assert world.counts() == {"rows": ROWS, "distinct_paths": ROWS, "with_caption": ROWS, "by_this_model": ROWS}
     assert {path: (text, status, error, model) for path, text, status, error, model, _ in after} == world.expected()
@@ -248,12 +250,8 @@ def test_postgres_restart_mid_write_back_rolls_back_and_the_retry_completes(worl
     assert [(r["path"], r["text"]) for r in world.manifest()] == [(world.paths[i], _caption(i)[0]) for i in ok]
 
     # A second retry changes nothing: same rows, same captioned_at, manifest bytes untouched.
-    again = connect(world.dsn)
-    try:
-        assert steps.write_back(world.s3, again, KEY, world.results, MODEL) == ROWS
-        manifest_again = steps.write_manifest(world.s3, again, KEY, world.bucket, "manifests")
-    finally:
-        again.close()
+    written, manifest_again = _train_try(world, connect)
+    assert written == ROWS
     assert world.snapshot() == after
     assert not manifest_again["changed"] and manifest_again["rows"] == len(ok)
 
@@ -272,38 +270,9 @@ def test_restart_between_write_back_and_manifest_then_the_task_retry_completes(w
     assert world.snapshot() == committed  # the committed write-back survived the restart
     assert "Contents" not in world.s3.list_objects_v2(Bucket=world.bucket, Prefix="manifests/")
 
-    retry = psycopg.connect(world.dsn)
-    try:
-        assert steps.write_back(world.s3, retry, KEY, world.results, MODEL) == ROWS
-        manifest = steps.write_manifest(world.s3, retry, KEY, world.bucket, "manifests")
-    finally:
-        retry.close()
+    written, manifest = _train_try(world, psycopg.connect)
+    assert written == ROWS
     assert world.snapshot() == committed  # upserting the same captions again changes nothing, captioned_at included
     ok = [i for i in range(ROWS) if _caption(i)[1] == "ok"]
     assert manifest["rows"] == len(ok) and manifest["changed"]
     assert [r["path"] for r in world.manifest()] == [world.paths[i] for i in ok]
-
-
-DAG_PROBE = f"""
-import json
-from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder={str(REPO / "dags")!r})
-dag = bag.dags["video_curation"]
-print(json.dumps({{"errors": list(bag.import_errors),
-                  "retries": {{t.task_id: t.retries for t in dag.tasks}},
-                  "delay": {{t.task_id: t.retry_delay.total_seconds() for t in dag.tasks}}}}))
-"""
-
-
-def test_db_tasks_of_the_dag_are_retried(tmp_path):
-    """A failed write-back is only completed if Airflow tries `train` again: scrape, filter and train retry."""
-    env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", DAG_PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["errors"] == []
-    for task_id in ("scrape", "filter", "train"):
-        assert report["retries"][task_id] >= 1, report
-        assert report["delay"][task_id] > 0, report
-    assert report["retries"]["caption"] == 2  # the caption task keeps its own CAPTION_RETRIES
