@@ -172,7 +172,6 @@ def _wait_until_blocked_mid_transaction(world: World, writer_pid: int, blocker_p
         watcher.close()
 
 
-@pytest.mark.parametrize("driver", sorted(DRIVERS))
 def _train_try(world: World, connect) -> tuple[int, dict]:
     """What the `train` task does on a fresh connection: write back, then the manifest."""
     conn = connect(world.dsn)
@@ -183,6 +182,7 @@ def _train_try(world: World, connect) -> tuple[int, dict]:
         conn.close()
 
 
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
 def test_postgres_restart_mid_write_back_rolls_back_and_the_retry_completes(world, pg_server, driver):
     connect, backend_pid, operational_error = DRIVERS[driver]
     before = world.snapshot()
