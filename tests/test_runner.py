@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -208,3 +209,31 @@ def test_missing_objects_and_escapes_fail_per_row(s3_server, s3_bucket, clips, s
 def _exists(client, uri: str) -> bool:
     bucket, _, key = uri[5:].partition("/")
     return any(o["Key"] == key for o in client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", []))
+
+
+def test_s3_downloads_never_leave_the_local_cache(s3_server, s3_bucket, tmp_path, s3_env):
+    """Defence in depth behind the per-row `..` check: whatever an S3 key holds, the download gets a random
+    name inside the rank's cache directory, and nothing is written anywhere else."""
+    from captioning_core import storage
+
+    client = s3_server.client()
+    hostile = ["cache-escape/../../escape.mp4", "cache-escape/a/..%2f..%2fescape.mp4", "cache-escape/.mp4",
+               "cache-escape/name with spaces ünï.mp4", "cache-escape/x.mp4/..", "cache-escape/~root.mp4"]
+    refused = []
+    for key in hostile:
+        try:
+            client.put_object(Bucket=s3_bucket, Key=key, Body=key.encode())
+        except client.exceptions.ClientError:  # the server refuses some (SeaweedFS: keys with `..` segments)
+            refused.append(key)
+    stored = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="cache-escape/")["Contents"]]
+    assert len(stored) >= 4 and any(".." in k for k in stored), (stored, refused)
+    cache = tmp_path / "work" / "cache"
+    cache.mkdir(parents=True)
+    before = {p for p in tmp_path.rglob("*")}
+    for key in stored:
+        local, owned = storage.fetch_to_local(f"s3://{s3_bucket}/{key}", str(cache))
+        assert owned and Path(local).parent == cache and Path(local).read_bytes() == client.get_object(
+            Bucket=s3_bucket, Key=key)["Body"].read()
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p.parent == cache for p in created), created
+    assert len(created) == len(stored)
