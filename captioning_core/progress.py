@@ -44,4 +44,4 @@ class Progress:
                  "decode %.3f s/row, waited %.1f s for decoded videos", self.info.rank, self.info.world_size,
                  stats.captioned, stats.failed, stats.wall_seconds, stats.rows_per_second, 100 * stats.busy_fraction,
                  stats.decode_seconds / stats.rows_processed if stats.rows_processed else 0.0,
-                 getattr(stats, "input_wait_seconds", 0.0))
+                 stats.input_wait_seconds)

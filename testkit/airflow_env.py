@@ -79,24 +79,24 @@ class AirflowEnv:
     def dags_test(self, dag_id: str, logical_date: str, conf: dict) -> subprocess.CompletedProcess:
         return self.airflow("dags", "test", dag_id, logical_date, "-c", json.dumps(conf), check=False)
 
-    def task_results(self, dag_id: str, task_id: str) -> list[tuple[str, int, object]]:
-        """(run_id, map_index, return value) of every finished try of a task, read from the metadata DB."""
+    def _query(self, *statements: str, params: tuple = ()) -> list[tuple]:
+        """Rows of read-only statements against this home's SQLite metadata DB."""
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(self.home / "airflow.db")) as db:
-            rows = db.execute("SELECT run_id, map_index, value FROM xcom WHERE dag_id = ? AND task_id = ? "
-                              "AND key = 'return_value' ORDER BY run_id, map_index", (dag_id, task_id)).fetchall()
+            return [row for sql in statements for row in db.execute(sql, params)]
+
+    def task_results(self, dag_id: str, task_id: str) -> list[tuple[str, int, object]]:
+        """(run_id, map_index, return value) of every finished try of a task, read from the metadata DB."""
+        rows = self._query("SELECT run_id, map_index, value FROM xcom WHERE dag_id = ? AND task_id = ? "
+                           "AND key = 'return_value' ORDER BY run_id, map_index", params=(dag_id, task_id))
         return [(run_id, map_index, _json_value(value)) for run_id, map_index, value in rows]
 
     def task_tries(self, dag_id: str, task_id: str) -> list[tuple[str, int, str]]:
         """(run_id, try_number, state) of every try of a task, from the task-instance history and table."""
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(self.home / "airflow.db")) as db:
-            query = "SELECT run_id, try_number, state FROM {} WHERE dag_id = ? AND task_id = ?"
-            rows = [*db.execute(query.format("task_instance_history"), (dag_id, task_id)),
-                    *db.execute(query.format("task_instance"), (dag_id, task_id))]
-        return sorted(rows)
+        query = "SELECT run_id, try_number, state FROM {} WHERE dag_id = ? AND task_id = ?"
+        return sorted(self._query(query.format("task_instance_history"), query.format("task_instance"),
+                                  params=(dag_id, task_id)))
 
 
 def _json_value(value):

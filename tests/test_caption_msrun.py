@@ -108,9 +108,7 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     assert second.returncode == 0, second.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
     assert out["path"].tolist() == [r.path for r in rows]  # nothing lost, nothing duplicated
-    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
-        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
-        assert (got["caption_status"], got["text"]) == expected
+    _assert_captions(out, rows)
     summary = json.loads(
         client.get_object(Bucket=s3_bucket, Key="part-kill/meta_caption_qwen2vl.csv.summary.json")[
             "Body"
@@ -121,6 +119,13 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     assert len(second_attempt) == 2
     assert sum(s["rows_skipped"] for s in second_attempt) == len(done_before)
     assert sum(s["rows_processed"] for s in second_attempt) == len(rows) - len(done_before)
+
+
+def _assert_captions(out, rows) -> None:
+    """Good clips captioned with what they show; broken ones failed with no text."""
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
+        assert (got["caption_status"], got["text"]) == expected
 
 
 def _exists(client, bucket: str, key: str) -> bool:
@@ -147,9 +152,7 @@ def test_seed_allgather_path(s3_server, s3_bucket, partition_clips, run_msrun, t
     result = run_msrun(meta, *TINY_ARGS, "--gather", "allgather", "--pad_length", "64", log_dir=tmp_path / "log")
     assert result.returncode == 0, result.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
-    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
-        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
-        assert (got["caption_status"], got["text"]) == expected
+    _assert_captions(out, rows)
     logs = result.rank_logs()
     assert any("published" in line for line in logs[0])
     assert not any("published" in line for line in logs[1])
@@ -207,6 +210,4 @@ def test_s3_outage_mid_run_under_msrun_is_ridden_out(s3_server, s3_bucket, parti
     client = s3_server.client()
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
     assert out["path"].tolist() == [r.path for r in rows]
-    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
-        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
-        assert (got["caption_status"], got["text"]) == expected
+    _assert_captions(out, rows)
