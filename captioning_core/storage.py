@@ -85,16 +85,43 @@ def s3_client():
     )
 
 
-def _error_code(err: Exception) -> str:
+def split(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; the one URI splitter (ValueError for anything else)."""
+    loc = S3Location.parse(uri)
+    return loc.bucket, loc.key
+
+
+# -- the one S3 error classifier: every module asks these instead of reading botocore's codes ----------
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+_PRECONDITION_CODES = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "ExpiredToken", "InvalidToken"}
+
+
+def error_code(err: BaseException) -> str:
+    """botocore's error code of a ClientError (``""`` for anything else)."""
     response = getattr(err, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def _transient(err: Exception) -> bool:
+def is_transient(err: BaseException) -> bool:
+    """Connection trouble, timeouts, 5xx and throttling: worth retrying."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
 
-    return isinstance(err, BotoConnectionError | HTTPClientError) or _error_code(err) in _TRANSIENT_CODES
+    return isinstance(err, BotoConnectionError | HTTPClientError) or error_code(err) in _TRANSIENT_CODES
+
+
+def is_precondition_failed(err: BaseException) -> bool:
+    """A conditional request (If-None-Match / If-Match) lost: someone else's object is there."""
+    return error_code(err) in _PRECONDITION_CODES
+
+
+def is_access_denied(err: BaseException) -> bool:
+    """Credentials or permissions: the environment's fault, never the data's."""
+    return error_code(err) in _DENIED_CODES
+
+
 
 
 def _retrying(fn):
@@ -109,7 +136,7 @@ def _retrying(fn):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
-                if not _transient(err) or time.monotonic() + delay > deadline:
+                if not is_transient(err) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("S3 %s failed (%s: %s); retrying in %.1fs", fn.__name__, type(err).__name__, err, delay)
                 time.sleep(delay)
@@ -120,7 +147,7 @@ def _retrying(fn):
 
 def is_not_found(err: Exception) -> bool:
     """True for a missing local file or S3 object."""
-    return isinstance(err, FileNotFoundError) or _error_code(err) in ("404", "NoSuchKey", "NotFound")
+    return isinstance(err, FileNotFoundError) or error_code(err) in _NOT_FOUND_CODES
 
 
 @_retrying
@@ -193,7 +220,7 @@ def put_if_absent(uri: str, data: bytes) -> bool:
             s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
             return True
         except ClientError as err:
-            if _error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if is_precondition_failed(err):
                 return False
             raise
     path = Path(uri)
