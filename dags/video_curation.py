@@ -62,7 +62,10 @@ with DAG(
         "incoming_prefix": Param("incoming", type="string", description="videos land under <prefix>/<key>/"),
         "meta_prefix": Param("meta", type="string"),
         "manifest_prefix": Param("manifests", type="string"),
-        "shard_size": Param(500, type="integer", minimum=1),
+        "shard_size": Param(500, type="integer", minimum=1, description="videos per new meta shard; a video "
+                            "keeps its shard, new videos go to new shards"),
+        "retry_failed": Param(False, type="boolean", description="re-queue videos whose caption ended failed "
+                              "into a new shard (nothing re-queues them otherwise)"),
         "min_frames": Param(8, type="integer", minimum=1),
         "min_fps": Param(5.0, type="number"),
         "min_height": Param(64, type="integer"),
@@ -97,18 +100,18 @@ with DAG(
         conn = _db()
         try:
             return steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
-                                          p["meta_prefix"], int(p["shard_size"]))
+                                          p["meta_prefix"], int(p["shard_size"]), bool(p["retry_failed"]))
         finally:
             conn.close()
 
     @task(outlets=[MANIFEST_ASSET])
-    def train(key: str, captions: list[dict], **context) -> dict:
+    def train(key: str, shards: list[dict], captions: list[dict], **context) -> dict:
         from curation import steps
 
         p = context["params"]
         conn = _db()
         try:
-            written = steps.write_back(_s3(), conn, key, list(captions), p["model"])
+            written = steps.write_back(_s3(), conn, key, list(captions), p["model"], list(shards))
             manifest = steps.write_manifest(_s3(), conn, key, p["bucket"], p["manifest_prefix"])
         finally:
             conn.close()
@@ -131,4 +134,4 @@ with DAG(
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
         retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
     ).expand_kwargs(shards)
-    train(key, captions.output)
+    train(key, shards, captions.output)

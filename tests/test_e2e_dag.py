@@ -11,13 +11,14 @@ import pytest
 
 from curation import metadb
 from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
-from testkit.clips import ensure_clip
+from testkit.clips import ClipSpec, ensure_clip
 from testkit.demo_clips import DAG_SPECS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 
 KEY = "2026-11-20"
 GOOD = list(DAG_SPECS)
+LATE = ClipSpec("green", "right", "circle", 640, 360, 30, 1.0, 1)  # held out, not in DAG_SPECS
 
 
 @pytest.fixture
@@ -88,6 +89,28 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
     assert _objects(client, bucket) == before  # same keys, same bytes, never rewritten
     assert _table(conn) == table
     assert sorted(p for p in env.msrun_log_root.rglob("worker_0.log")) == msrun_runs
+
+    # A late video (its name sorts first) joins the partition: the rerun captions exactly that one row, in a
+    # shard of its own; every object that existed is byte-identical except the manifest, which gains it.
+    late_key = f"incoming/{KEY}/000-late-{LATE.filename}"
+    client.upload_file(str(ensure_clip(LATE, env.home)), bucket, late_key)
+    before = _objects(client, bucket)
+    third = env.dags_test("video_curation", KEY, conf)
+    assert third.returncode == 0, third.stdout[-6000:] + third.stderr[-6000:]
+    results = env.task_results("video_curation", "caption")
+    last_run = max(run_id for run_id, *_ in results)
+    launched = [r for run_id, _, r in results if run_id == last_run and r["launched"]]
+    assert [(r["rows"], r["captioned"], r["skipped"]) for r in launched] == [(1, 1, 0)]
+    after = _objects(client, bucket)
+    manifest_key = f"manifests/{KEY}/train_manifest.csv"
+    assert {k: v for k, v in after.items() if k in before and k != manifest_key} == {
+        k: v for k, v in before.items() if k != manifest_key}
+    assert after[manifest_key] != before[manifest_key]
+    assert all(k.startswith(launched[0]["output"].split("/", 3)[3].rsplit("/", 1)[0] + "/") or k == manifest_key
+               for k in set(after) - set(before)), sorted(set(after) - set(before))
+    late_row = _table(conn)[f"s3://{bucket}/{late_key}"]
+    assert (late_row[0], late_row[2], late_row[1]) == ("kept", "ok", LATE.caption)
+    assert {p: r for p, r in _table(conn).items() if p in table} == table  # no other row changed
 
 
 def test_database_down_at_write_back_then_the_airflow_retry_completes(curation_world, pg_server):

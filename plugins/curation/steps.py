@@ -1,8 +1,10 @@
 """What the curation DAG's tasks do, outside Airflow: plain functions over an S3 client and a DB connection.
 
 Every step is idempotent: registering a video twice changes nothing, probing skips videos already probed,
-meta shards are named by their content (an unchanged shard keeps its name, so its finished caption output
-is found and reused), captions are upserted, and the manifest is only rewritten when its bytes change.
+a video keeps the meta shard it was first written to and new videos go to new shards (a shard's CSV never
+changes, so its finished caption output is found and reused, and a partition that grows costs caption work
+for its new videos only), captions are upserted only where something changed, and the manifest is only
+rewritten when its bytes change.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 
+from captioning_core import storage
 from curation import metadb
 
 log = logging.getLogger(__name__)
@@ -49,11 +53,6 @@ def _s3_uri(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
-def _split(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-
-
 def scrape(s3, conn, bucket: str, prefix: str, partition_key: str) -> int:
     """Register every video under ``s3://bucket/prefix/`` into the partition; returns how many it saw."""
     metadb.ensure_partition(conn, partition_key)
@@ -72,7 +71,7 @@ def probe_video(s3, uri: str) -> tuple[int, float, int, int]:
     """(num_frames, fps, height, width) of an S3 video, read with decord from a temporary copy."""
     from captioning_core.video import probe
 
-    bucket, key = _split(uri)
+    bucket, key = storage.split(uri)
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         local = os.path.join(tmp, "video" + os.path.splitext(key)[1][:8])
         s3.download_file(bucket, key, local)
@@ -81,10 +80,15 @@ def probe_video(s3, uri: str) -> tuple[int, float, int, int]:
 
 
 def filter_partition(s3, conn, partition_key: str, thresholds: Thresholds, meta_bucket: str, meta_prefix: str,
-                     shard_size: int) -> list[dict]:
-    """Probe new videos, record verdicts, and write the kept ones as meta shards.
+                     shard_size: int, retry_failed: bool = False) -> list[dict]:
+    """Probe new videos, record verdicts, put kept videos without a shard into new shards.
 
-    Returns ``[{"meta_path": uri}, ...]``, one per shard, for the mapped caption task.
+    A video keeps the shard it was first written to, so a shard's meta CSV never changes and its finished
+    caption output stays valid: a partition that gains N videos costs caption work for those N only. With
+    ``retry_failed`` the kept videos whose caption ended ``failed`` move to a new shard (and their old result
+    is cleared); nothing else re-queues them.
+
+    Returns ``[{"meta_path": uri}, ...]``, one per shard of the partition, for the mapped caption task.
     """
     for (path,) in metadb.run(conn, "select_unprobed", {"partition_key": partition_key}):
         try:
@@ -97,30 +101,61 @@ def filter_partition(s3, conn, partition_key: str, thresholds: Thresholds, meta_
         metadb.run(conn, "update_filter", {"partition_key": partition_key, "path": path, "num_frames": num_frames,
                                            "fps": fps, "height": height, "width": width,
                                            "filter_status": status, "filter_reason": reason})
-    rows = metadb.run(conn, "select_partition", {"partition_key": partition_key})
-    kept = [r for r in rows if r[5] == "kept"]
-    log.info("partition %s: %d videos, %d kept, %d dropped or unreadable", partition_key, len(rows), len(kept),
+    rows = [PartitionRow(*r) for r in metadb.run(conn, "select_partition", {"partition_key": partition_key})]
+    kept = [r for r in rows if r.filter_status == "kept"]
+    requeued = {r.path for r in kept if retry_failed and r.meta_uri and r.caption_status == "failed"}
+    unassigned = sorted((r for r in kept if not r.meta_uri or r.path in requeued), key=lambda r: r.path)
+    log.info("partition %s: %d videos, %d kept (%d without a shard, %d failed re-queued), %d dropped or "
+             "unreadable", partition_key, len(rows), len(kept), len(unassigned) - len(requeued), len(requeued),
              len(rows) - len(kept))
-    shards = []
-    for start in range(0, len(kept), shard_size):
-        chunk = kept[start:start + shard_size]
+    seq = 1 + max((_shard_seq(r.meta_uri) for r in rows if r.meta_uri), default=-1)
+    new_uris = []
+    for start in range(0, len(unassigned), shard_size):
+        chunk = unassigned[start:start + shard_size]
         body = _meta_csv(chunk)
+        # The name depends only on the DB state before this step and the shard's content: a retry after a
+        # crash between the put and the DB update finds the same name and rewrites nothing.
         digest = hashlib.sha256(body).hexdigest()[:12]
-        key = f"{meta_prefix.rstrip('/')}/{partition_key}/shard-{start // shard_size:04d}-{digest}/meta.csv"
+        key = f"{meta_prefix.rstrip('/')}/{partition_key}/shard-{seq:04d}-{digest}/meta.csv"
         _put_if_changed(s3, meta_bucket, key, body)
         uri = _s3_uri(meta_bucket, key)
-        metadb.run_many(conn, "set_meta_uri", [{"partition_key": partition_key, "path": r[0], "meta_uri": uri}
+        metadb.run_many(conn, "assign_shard", [{"partition_key": partition_key, "path": r.path, "meta_uri": uri}
                                                for r in chunk])
-        shards.append({"meta_path": uri})
-    return shards
+        new_uris.append(uri)
+        seq += 1
+    kept_uris = {r.meta_uri for r in kept if r.meta_uri and r.path not in requeued} | set(new_uris)
+    return [{"meta_path": uri} for uri in sorted(kept_uris, key=_shard_seq)]
 
 
-def _meta_csv(rows: list[tuple]) -> bytes:
+@dataclass(frozen=True)
+class PartitionRow:
+    """One row of ``select_partition``."""
+
+    path: str
+    num_frames: int | None
+    fps: float | None
+    height: int | None
+    width: int | None
+    filter_status: str | None
+    filter_reason: str | None
+    meta_uri: str | None
+    caption_status: str | None
+
+
+_SHARD_SEQ = re.compile(r"/shard-(\d+)(?:-[0-9a-f]+)?/[^/]*$")
+
+
+def _shard_seq(meta_uri: str) -> int:
+    match = _SHARD_SEQ.search(meta_uri)
+    return int(match.group(1)) if match else -1
+
+
+def _meta_csv(rows: list[PartitionRow]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(META_COLUMNS)
-    for path, num_frames, fps, height, width, *_ in rows:
-        writer.writerow([path, num_frames, f"{fps:.6g}", height, width])
+    for r in rows:
+        writer.writerow([r.path, r.num_frames, f"{r.fps:.6g}", r.height, r.width])
     return buf.getvalue().encode("utf-8")
 
 
@@ -129,25 +164,35 @@ def _put_if_changed(s3, bucket: str, key: str, body: bytes) -> bool:
         if s3.get_object(Bucket=bucket, Key=key)["Body"].read() == body:
             return False
     except Exception as err:
-        if str(getattr(err, "response", {}).get("Error", {}).get("Code")) not in ("NoSuchKey", "404"):
+        if not storage.is_not_found(err):
             raise
     s3.put_object(Bucket=bucket, Key=key, Body=body)
     return True
 
 
-def write_back(s3, conn, partition_key: str, caption_results: list[dict], model: str) -> int:
-    """Upsert every shard's captions into the table, in one transaction; returns the rows written."""
+def write_back(s3, conn, partition_key: str, caption_results: list[dict], model: str,
+               shards: list[dict] | None = None) -> int:
+    """Upsert every shard's captions into the table, in one transaction; returns the rows read.
+
+    With ``shards`` (the filter step's list), a row is written only where the table still assigns the video
+    to that shard: a video re-queued into a newer shard is never overwritten by its old shard's result.
+    """
     import pandas as pd
 
+    from captioning_core.config import default_output
+
+    shard_of = {default_output(s["meta_path"], model): s["meta_path"] for s in shards or []}
     rows = []
     for result in caption_results:
-        bucket, key = _split(result["output"])
+        bucket, key = storage.split(result["output"])
         table = pd.read_csv(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), dtype=str,
                             keep_default_na=False)
+        meta_uri = shard_of.get(result["output"])
         for rec in table.to_dict("records"):
             rows.append({"partition_key": partition_key, "path": rec["path"], "text": rec.get("text", ""),
                          "caption_status": rec.get("caption_status") or None,
-                         "caption_error": rec.get("caption_error") or None, "caption_model": model})
+                         "caption_error": rec.get("caption_error") or None, "caption_model": model,
+                         "meta_uri": meta_uri})
     metadb.run_many(conn, "upsert_captions", rows)
     return len(rows)
 
