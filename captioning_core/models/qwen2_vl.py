@@ -208,21 +208,27 @@ class Qwen2VLCaptioner(Captioner):
         """The chat prompt with the one video placeholder expanded to the video's token count."""
         return self._prompt_head + VIDEO_TOKEN * item.num_tokens + self._prompt_tail
 
+    def model_inputs(self, batch: list[PreparedVideo]) -> dict[str, np.ndarray]:
+        """The batch as the model's keyword arguments, in numpy: left-padded prompts, patches, grids.
+
+        (Also what the reference-parity test feeds to transformers on real PyTorch.)
+        """
+        enc = self.tokenizer([self.prompt_for(item) for item in batch], padding=True, return_tensors="np")
+        int_dtype = np.int32 if self.cfg.device_target == "Ascend" else np.int64
+        return {"input_ids": enc["input_ids"].astype(int_dtype),
+                "attention_mask": enc["attention_mask"].astype(int_dtype),
+                "pixel_values_videos": np.concatenate([b.pixel_values for b in batch]),
+                "video_grid_thw": np.asarray([b.grid_thw for b in batch], dtype=int_dtype)}
+
     def generate(self, batch: list[PreparedVideo]) -> list[list[int]]:
         import torch  # mindtorch under mindnlp
 
-        enc = self.tokenizer([self.prompt_for(item) for item in batch], padding=True, return_tensors="np")
-        int_dtype = np.int32 if self.cfg.device_target == "Ascend" else np.int64
-        inputs = {
-            "input_ids": torch.tensor(enc["input_ids"].astype(int_dtype)),
-            "attention_mask": torch.tensor(enc["attention_mask"].astype(int_dtype)),
-            "pixel_values_videos": torch.tensor(np.concatenate([b.pixel_values for b in batch])).to(
-                runtime.torch_dtype(self.cfg.dtype)),
-            "video_grid_thw": torch.tensor(np.asarray([b.grid_thw for b in batch], dtype=int_dtype)),
-        }
+        arrays = self.model_inputs(batch)
+        inputs = {name: torch.tensor(value) for name, value in arrays.items()}
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(runtime.torch_dtype(self.cfg.dtype))
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens)
-        prompt_len = enc["input_ids"].shape[1]
+        prompt_len = arrays["input_ids"].shape[1]
         ids = out.asnumpy() if hasattr(out, "asnumpy") else out.numpy()
         return [trim_generated(row[prompt_len:].tolist(), self.stop_ids) for row in ids]
 
