@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +226,32 @@ def test_the_real_video_stream_is_used(footage_dir, extra, container, caplog):
     frames = video.read_frames(reader, [0, 12, 24])
     assert _mad(frames, render_frames(spec)[[0, 12, 24]]) < CODEC_NOISE
     assert "get_batch" not in caplog.text  # PyAV found the same stream as decord
+
+
+# -- the demo's rotated portrait clip, captioned by the real tiny Qwen2-VL ------------------------------
+
+def test_tiny_qwen2vl_captions_the_rotated_demo_clip(footage_dir, tmp_path):
+    """Upright handling decides the caption: the same pixels without the display matrix read sideways."""
+    import pandas as pd
+
+    from testkit.demo_clips import DAG_SPECS
+
+    spec = next(s for s in DAG_SPECS if s.rotation)
+    rotated = ensure_clip(spec, footage_dir)
+    sideways = tmp_path / "sideways.mp4"  # the stored pixels, shown as stored (what the model saw before)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "0", "-i", str(rotated), "-c", "copy",
+                    str(sideways)], check=True)
+    assert (video.probe(str(sideways)).height, video.probe(str(sideways)).width) == spec.stored_size
+    meta = tmp_path / "meta.csv"
+    pd.DataFrame({"path": [str(rotated), str(sideways)]}).to_csv(meta, index=False)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "captioning_core.caption_qwen2vl", str(meta), "--pretrained_model_name_or_path",
+         str(repo / "tiny_models" / "qwen2vl"), "--device_target", "CPU", "--height", "112", "--width", "112",
+         "--fps", "2", "--min_pixels", "3136", "--max_new_tokens", "12", "--log_every", "0"],
+        capture_output=True, text=True, cwd=repo, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = pd.read_csv(tmp_path / "meta_caption_qwen2vl.csv", dtype=str, keep_default_na=False)
+    assert out["caption_status"].tolist() == ["ok", "ok"]
+    assert out["text"].tolist()[0] == spec.caption
+    assert out["text"].tolist()[1] != spec.caption  # sideways, the circle moves up or down
