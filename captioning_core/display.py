@@ -79,12 +79,16 @@ class Orientation:
         """Map (T, H, W, C) frames; returns the input itself when this is the identity."""
         if self.identity:
             return frames
-        out = frames.transpose(0, 2, 1, 3) if self.swap else frames
+        t, _, _, c = frames.shape
+        # move whole pixels (one C-byte item each): a transpose of 3-byte items is ~3x faster than of bytes
+        pixels = np.ascontiguousarray(frames).view(np.dtype((np.void, c * frames.itemsize)))[..., 0]
+        out = pixels.transpose(0, 2, 1) if self.swap else pixels
         if self.flip_rows:
             out = out[:, ::-1]
         if self.flip_cols:
             out = out[:, :, ::-1]
-        return np.ascontiguousarray(out)
+        out = np.ascontiguousarray(out)
+        return out.view(frames.dtype).reshape(t, out.shape[1], out.shape[2], c)
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         return (width, height) if self.swap else (height, width)

@@ -39,9 +39,10 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 # Seek only when it skips more frames than this: a seek (demuxer reposition + decoder flush) costs about as
 # much as decoding a few frames, so dense sampling decodes straight through (docs/BENCHMARKS.md, item 3).
 SEEK_MIN_SKIP = int(os.environ.get("CAPTION_SEEK_MIN_SKIP", "8"))
-# A clip is constant-rate when every frame interval is within this fraction of the median interval
-# (timebase rounding is far below it; phone VFR jitter and pauses are far above it).
-CFR_TOLERANCE = 0.02
+# A clip is constant-rate when every frame time is within this fraction of a frame of an even grid from the
+# first to the last frame: timebase rounding (1 ms in Matroska, 1/90000 s in mp4) stays far below it, and
+# index sampling then lands within a tenth of a frame of the time targets; pauses and bursts are far above it.
+CFR_TOLERANCE = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +225,12 @@ def frame_times(video: Video) -> np.ndarray:
 
 
 def is_constant_rate(times: np.ndarray) -> bool:
-    """True when every frame interval is within CFR_TOLERANCE of the median one (or there are < 3 frames)."""
+    """True when every frame time is within CFR_TOLERANCE of a frame of an even grid (or there are < 3 frames)."""
     if len(times) < 3:
         return True
-    steps = np.diff(times)
-    median = float(np.median(steps))
-    return median > 0 and float(np.max(np.abs(steps - median))) <= CFR_TOLERANCE * median
+    step = float(times[-1] - times[0]) / (len(times) - 1)
+    grid = times[0] + step * np.arange(len(times))
+    return step > 0 and float(np.max(np.abs(times - grid))) <= CFR_TOLERANCE * step
 
 
 def qwen_sample_indices(video: Video, fps: float) -> list[int]:

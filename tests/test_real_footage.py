@@ -81,12 +81,19 @@ def test_legacy_rotate_tag_is_honoured(footage_dir, rotation):
     assert _mad(got, _frames(ensure_clip(BASE["left"], footage_dir), [0, 24])) < CODEC_NOISE
 
 
-@pytest.mark.parametrize(("rotation", "hflip", "tag"), [(90, False, False), (180, True, False), (270, True, False),
-                                                        (0, True, False), (90, False, True)])
-def test_decord_fallback_gives_the_same_upright_frames(footage_dir, monkeypatch, rotation, hflip, tag):
-    """decord2 rotates by itself but ignores flips; the fallback path must end in the same picture."""
-    spec = dataclasses.replace(BASE["up"], rotation=rotation, hflip=hflip, rotate_tag=tag,
-                               container="mkv" if tag else "mp4")
+FALLBACK_SPECS = [
+    dataclasses.replace(BASE["up"], rotation=90),
+    dataclasses.replace(BASE["up"], rotation=180, hflip=True),
+    dataclasses.replace(BASE["up"], rotation=270, hflip=True),
+    dataclasses.replace(BASE["up"], hflip=True),
+    dataclasses.replace(BASE["up"], rotation=90, rotate_tag=True, container="mkv"),
+    ClipSpec("blue", "right", "circle", 320, 240, 25, 1.0, 12, sar=(4, 3)),
+]
+
+
+@pytest.mark.parametrize("spec", FALLBACK_SPECS, ids=lambda s: s.filename)
+def test_decord_fallback_gives_the_same_upright_frames(footage_dir, monkeypatch, spec):
+    """decord2 rotates by itself but ignores flips (and SAR); the fallback path must end in the same picture."""
     path = ensure_clip(spec, footage_dir)
     indices = [0, 7, 24]
     via_pyav = _frames(path, indices)
@@ -107,6 +114,14 @@ def test_orientation_algebra_matches_numpy():
         o = rot(90 * turns)
         assert o.then(o.inverse()).identity
         assert np.array_equal(o.inverse().apply(o.apply(img)), img)
+    frames = np.random.default_rng(0).integers(0, 255, (2, 6, 8, 3), dtype=np.uint8)
+    for swap in (False, True):
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                want = frames.transpose(0, 2, 1, 3) if swap else frames
+                want = want[:, ::-1] if flip_rows else want
+                want = want[:, :, ::-1] if flip_cols else want
+                assert np.array_equal(display.Orientation(swap, flip_rows, flip_cols).apply(frames), want)
 
 
 # -- probe: displayed size ------------------------------------------------------------------------------
@@ -160,7 +175,11 @@ def test_cfr_clips_keep_the_index_formula(standard_clips, clip_dir):
     if not ntsc.exists():
         subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(clips[1]), "-r", "30000/1001", "-c:v",
                         "libx264", "-preset", "ultrafast", str(ntsc)], check=True)
-    for path in [*clips, ntsc]:
+    mkv = clip_dir / "sampling_30fps.mkv"  # Matroska keeps times in whole milliseconds: 33, 33, 34, ...
+    if not mkv.exists():
+        subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(standard_clips[2][0]), "-c", "copy", str(mkv)],
+                       check=True)
+    for path in [*clips, ntsc, mkv]:
         reader = video.open_video(str(path))
         assert video.is_constant_rate(video.frame_times(reader)), path
         for fps in (2, 4):
