@@ -124,6 +124,21 @@ def test_orientation_algebra_matches_numpy():
                 assert np.array_equal(display.Orientation(swap, flip_rows, flip_cols).apply(frames), want)
 
 
+def test_model_preprocessing_sees_the_upright_frame(footage_dir):
+    """Qwen2-VL's pixel budget (and PLLaVA's frames) work on the displayed picture: portrait stays portrait."""
+    from captioning_core.models import pllava, qwen2_vl
+
+    upright = ClipSpec("green", "up", "square", 360, 640, 25, 2.0, 12)
+    rotated = ensure_clip(dataclasses.replace(upright, rotation=90), footage_dir)
+    opts = qwen2_vl.Qwen2VLOptions(height=448, width=672, fps=4.0)
+    want = qwen2_vl.sample_frames(str(ensure_clip(upright, footage_dir)), opts)
+    got = qwen2_vl.sample_frames(str(rotated), opts)
+    assert got.shape == want.shape and got.shape[1] > got.shape[2]  # e.g. (8, 728, 392, 3), portrait
+    assert _mad(got, want) < CODEC_NOISE
+    frames = pllava.sample_frames(str(rotated), 4)
+    assert frames.shape == (4, 640, 360, 3)
+
+
 # -- probe: displayed size ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("spec", "size"), [
