@@ -230,7 +230,7 @@ def is_constant_rate(times: np.ndarray) -> bool:
         return True
     step = float(times[-1] - times[0]) / (len(times) - 1)
     grid = times[0] + step * np.arange(len(times))
-    return step > 0 and float(np.max(np.abs(times - grid))) <= CFR_TOLERANCE * step
+    return float(np.max(np.abs(times - grid))) <= CFR_TOLERANCE * abs(step)
 
 
 def qwen_sample_indices(video: Video, fps: float) -> list[int]:
@@ -241,8 +241,12 @@ def qwen_sample_indices(video: Video, fps: float) -> list[int]:
     sample is the frame nearest an evenly spaced target time, so a burst does not get more samples than a pause.
     """
     total = len(video)
-    times = frame_times(video) if total >= 3 else np.zeros(0)
-    if is_constant_rate(times):
+    try:
+        times = frame_times(video) if total >= 3 else np.zeros(0)
+    except VideoError as err:  # no usable time table: the index formula, as before
+        log.debug("%s: sampling by index (%s)", video.path, err)
+        times = np.zeros(0)
+    if is_constant_rate(times) or not np.all(np.diff(times) > 0):  # CFR, or times we cannot trust
         return qwen_frame_indices(total, qwen_frame_count(total, float(video.get_avg_fps() or 0.0), fps))
     step = float(np.median(np.diff(times)))
     duration = float(times[-1] - times[0]) + step
