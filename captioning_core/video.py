@@ -11,6 +11,11 @@ to RGB. It is as fast as decord's ``get_batch`` or faster in total, and frame-ex
 ``get_batch`` is not; see docs/BENCHMARKS.md. When PyAV's packet table does not match
 decord's frame table exactly (several video streams, edit-list discards, missing timestamps, a truncated
 file), ``read_frames`` uses ``get_batch``, so the frames returned are always decord's frames at those indices.
+
+Frames come out as a player shows them (``captioning_core.display``): display rotation and flips applied, non-square
+pixels stretched, 10-bit and other formats converted to RGB as ffmpeg does, before any model resizing.
+Qwen2-VL's ``fps`` sampling follows presentation time on variable-frame-rate clips (``qwen_sample_indices``);
+constant-rate clips keep the index formula, so their frames are unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from captioning_core.display import Display, RgbConverter, display_of, pick_stream, probe_display
+
 QWEN_FRAME_FACTOR = 2
 QWEN_MIN_FRAMES = 4
 QWEN_MAX_FRAMES = 768
@@ -32,6 +39,10 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 # Seek only when it skips more frames than this: a seek (demuxer reposition + decoder flush) costs about as
 # much as decoding a few frames, so dense sampling decodes straight through (docs/BENCHMARKS.md, item 3).
 SEEK_MIN_SKIP = int(os.environ.get("CAPTION_SEEK_MIN_SKIP", "8"))
+# A clip is constant-rate when every frame time is within this fraction of a frame of an even grid from the
+# first to the last frame: timebase rounding (1 ms in Matroska, 1/90000 s in mp4) stays far below it, and
+# index sampling then lands within a tenth of a frame of the time targets; pauses and bursts are far above it.
+CFR_TOLERANCE = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +92,37 @@ def open_video(path: str) -> Video:
 
 
 def probe(path: str) -> VideoInfo:
-    """Frame count, fps and size of a video, without decoding every frame."""
+    """Frame count, fps and displayed size (rotation and pixel aspect applied) of a video, from its first frame."""
     reader = open_video(path)
     height, width = read_frames(reader, [0]).shape[1:3]
     return VideoInfo(len(reader), float(reader.get_avg_fps() or 0.0), int(height), int(width))
 
 
 def read_frames(video: Video, indices: list[int]) -> np.ndarray:
-    """Decode the frames at ``indices`` as a uint8 (T, H, W, 3) array: exactly decord's frames there."""
+    """Decode the frames at ``indices`` as displayed, uint8 (T, H, W, 3): decord's frames there, shown upright."""
     indices = [int(i) for i in indices]
     total = len(video)
     if not indices or min(indices) < 0 or max(indices) >= total:
         raise VideoError(f"frame indices out of range for a {total}-frame video: {indices[:8]}")
     frames = None
     try:
-        frames = _read_pyav(video.path, indices, total)
+        frames, display = _read_pyav(video.path, indices, total)
     except _TableMismatch as why:
         log.debug("%s: decoding with decord's get_batch (%s)", video.path, why)
     except Exception as err:  # decord decides whether the clip is readable; it raises the VideoError
         log.debug("%s: PyAV failed (%s); decoding with decord's get_batch", video.path, _short(err))
     if frames is None:
         frames = _read_decord(video.reader, indices)
+        display = probe_display(video.path)
+        frames = display.from_decord(frames)
     if frames.ndim != 4 or frames.shape[0] != len(indices):
         raise VideoError(f"decoder returned {frames.shape} for {len(indices)} frames")
-    return frames
+    return display.apply(frames)
 
 
 def read_frames_decord(video: Video, indices: list[int]) -> np.ndarray:
-    """decord's ``get_batch`` of ``indices`` (the reference read_frames matches; the benchmark's baseline)."""
+    """decord's ``get_batch`` of ``indices`` as decord returns them (the reference on upright clips; the
+    benchmark's baseline)."""
     return _read_decord(video.reader, [int(i) for i in indices])
 
 
@@ -123,15 +137,13 @@ class _TableMismatch(Exception):
     """PyAV's view of the stream differs from decord's frame table: use decord."""
 
 
-def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
-    """Frames at ``indices`` (frame i = the i-th smallest packet pts, as decord numbers them)."""
+def _read_pyav(path: str, indices: list[int], total: int) -> tuple[np.ndarray, Display]:
+    """Stored frames at ``indices`` (frame i = the i-th smallest packet pts, as decord numbers them), and how
+    to display them."""
     import av
-    from av.video.reformatter import VideoReformatter
 
     with av.open(path) as container:
-        if len(container.streams.video) != 1:
-            raise _TableMismatch(f"{len(container.streams.video)} video streams")
-        stream = container.streams.video[0]
+        stream = pick_stream(container)  # decord's choice; cover art and extra streams are skipped
         stream.thread_type = "AUTO"  # frame + slice threads, as decord uses: ~2x on camera-like content
         stream.thread_count = _decode_threads()
         pts, key_pts = [], []
@@ -154,7 +166,8 @@ def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
         for k, index in enumerate(indices):
             slots.setdefault(index, []).append(k)
         out = None
-        reformatter = VideoReformatter()  # one swscale context for the clip (a frame's own is rebuilt per frame)
+        display = None
+        to_rgb = RgbConverter(stream)  # one swscale context for the clip (a frame's own is rebuilt per frame)
         frames = None
         next_index = -1  # index of the next frame the decoder will give; -1 = nothing decoded yet
         for index in sorted(slots):
@@ -166,16 +179,17 @@ def _read_pyav(path: str, indices: list[int], total: int) -> np.ndarray:
                 at = rank.get(frame.pts, -1)
                 next_index = at + 1
                 if at == index:
-                    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    rgb = to_rgb(frame)
                     if out is None:
                         out = np.empty((len(indices), *rgb.shape), dtype=np.uint8)
+                        display = display_of(stream, frame)
                     out[slots[index]] = rgb
                     break
                 if at > index or at < 0:
                     raise _TableMismatch(f"decoder gave frame {at} while looking for {index}")
             else:
                 raise _TableMismatch(f"decoder ended before frame {index}")
-    return out
+    return out, display
 
 
 def qwen_frame_count(total_frames: int, video_fps: float, fps: float,
@@ -200,6 +214,52 @@ def qwen_frame_count(total_frames: int, video_fps: float, fps: float,
 def qwen_frame_indices(total_frames: int, nframes: int) -> list[int]:
     """Evenly spaced indices from first to last frame, rounded half-to-even like torch's ``round``."""
     return [int(i) for i in np.round(np.linspace(0, total_frames - 1, nframes)).astype(int)]
+
+
+def frame_times(video: Video) -> np.ndarray:
+    """Presentation time (seconds) of every frame, in decord's frame order."""
+    try:
+        return np.asarray(video.reader.get_frame_timestamp(list(range(len(video)))), dtype=np.float64)[:, 0]
+    except Exception as err:
+        raise VideoError(f"cannot read frame timestamps: {_short(err)}") from err
+
+
+def is_constant_rate(times: np.ndarray) -> bool:
+    """True when every frame time is within CFR_TOLERANCE of a frame of an even grid (or there are < 3 frames)."""
+    if len(times) < 3:
+        return True
+    step = float(times[-1] - times[0]) / (len(times) - 1)
+    grid = times[0] + step * np.arange(len(times))
+    return float(np.max(np.abs(times - grid))) <= CFR_TOLERANCE * abs(step)
+
+
+def qwen_sample_indices(video: Video, fps: float) -> list[int]:
+    """The frames Qwen2-VL samples at ``fps``: evenly spaced in presentation time.
+
+    On constant-rate clips that is qwen-vl-utils' index formula exactly (``qwen_frame_indices``). On
+    variable-rate clips (phone footage with pauses and bursts) the count comes from the real duration and each
+    sample is the frame nearest an evenly spaced target time, so a burst does not get more samples than a pause.
+    """
+    total = len(video)
+    try:
+        times = frame_times(video) if total >= 3 else np.zeros(0)
+    except VideoError as err:  # no usable time table: the index formula, as before
+        log.debug("%s: sampling by index (%s)", video.path, err)
+        times = np.zeros(0)
+    if is_constant_rate(times) or not np.all(np.diff(times) > 0):  # CFR, or times we cannot trust
+        return qwen_frame_indices(total, qwen_frame_count(total, float(video.get_avg_fps() or 0.0), fps))
+    step = float(np.median(np.diff(times)))
+    duration = float(times[-1] - times[0]) + step
+    return qwen_time_indices(times, qwen_frame_count(total, total / duration, fps))
+
+
+def qwen_time_indices(times: np.ndarray, nframes: int) -> list[int]:
+    """For ``nframes`` targets evenly spaced from the first to the last frame's time, the nearest frame each."""
+    targets = np.linspace(times[0], times[-1], nframes)
+    right = np.clip(np.searchsorted(times, targets), 1, len(times) - 1)
+    left = right - 1
+    nearer_left = (targets - times[left]) <= (times[right] - targets)
+    return [int(i) for i in np.where(nearer_left, left, right)]
 
 
 def qwen_target_size(height: int, width: int, max_pixels: int,

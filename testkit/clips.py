@@ -1,4 +1,10 @@
-"""Synthetic h264 clips whose content fixes the caption: one coloured shape moving across a black frame."""
+"""Synthetic h264 clips whose content fixes the caption: one coloured shape moving across a black frame.
+
+A spec can also describe phone-style footage (testkit/footage.py encodes it): a display rotation or flip (the
+picture is stored turned, so a player that honours the display matrix or the legacy ``rotate`` tag shows it
+upright), variable frame rate, 10-bit or 4:2:2/4:4:4 pixels, a colour range or matrix, non-square pixels, and
+cover art or a second video stream. ``width``/``height`` are always the displayed, upright size.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 DIRECTIONS = ("left", "right", "up", "down")
 SHAPES = ("square", "circle")
 CHUNK_FRAMES = 16
+PIX_FMTS = ("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le")
+COLOR_RANGES = ("", "tv", "pc")
+COLORSPACES = ("", "bt709", "bt470bg", "smpte170m")
+EXTRA_STREAMS = ("", "cover", "second_video")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,17 @@ class ClipSpec:
     fps: int = 25
     seconds: float = 2.0
     gop: int = 12
+    # phone-style footage (all off by default; see testkit/footage.py)
+    rotation: int = 0  # display rotation, degrees counter-clockwise (ffmpeg's -display_rotation)
+    hflip: bool = False  # display matrix also flips horizontally (after the rotation, as ffmpeg sets it)
+    rotate_tag: bool = False  # store the rotation as the legacy clockwise `rotate` tag (mkv) instead
+    vfr: bool = False  # variable frame rate: a burst at 3x fps and a pause (see footage.vfr_times)
+    pix_fmt: str = "yuv420p"
+    color_range: str = ""  # "" (untagged), "tv" (limited) or "pc" (full)
+    colorspace: str = ""  # "" (untagged), "bt709", "bt470bg", "smpte170m"
+    sar: tuple[int, int] = (1, 1)  # sample (pixel) aspect ratio; stored width = width / sar
+    extra_stream: str = ""  # "cover" (attached picture) or "second_video" (a decoy stream before the real one)
+    container: str = "mp4"
 
     def __post_init__(self) -> None:
         if self.color not in COLORS:
@@ -53,6 +74,18 @@ class ClipSpec:
             raise ValueError(
                 f"fps, seconds and gop must be positive, got {self.fps}, {self.seconds}, {self.gop}"
             )
+        if self.rotation % 90 or (self.rotate_tag and (self.hflip or self.container != "mkv")):
+            raise ValueError("rotation must be a multiple of 90; a rotate tag needs mkv and cannot flip")
+        for name, value, allowed in (("pix_fmt", self.pix_fmt, PIX_FMTS), ("color_range", self.color_range,
+                                     COLOR_RANGES), ("colorspace", self.colorspace, COLORSPACES),
+                                     ("extra_stream", self.extra_stream, EXTRA_STREAMS),
+                                     ("container", self.container, ("mp4", "mkv"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        stored_w = self.stored_size[1]
+        if self.sar[0] < 1 or self.sar[1] < 1 or stored_w * self.sar[0] != self.upright_stored[1] * self.sar[1] \
+                or stored_w % 2:
+            raise ValueError(f"sar {self.sar} must turn an even stored width into {self.upright_stored[1]}")
 
     @property
     def caption(self) -> str:
@@ -61,8 +94,39 @@ class ClipSpec:
 
     @property
     def num_frames(self) -> int:
-        """Number of frames: ``round(fps * seconds)``, at least 1."""
+        """Number of frames: ``round(fps * seconds)``, at least 1 (VFR: as many as its timestamps)."""
+        if self.vfr:
+            return len(self.times)
         return max(1, round(self.fps * self.seconds))
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        """Presentation time (s) of every frame."""
+        if self.vfr:
+            from testkit.footage import vfr_times
+
+            return vfr_times(self.fps, self.seconds)
+        return tuple(i / self.fps for i in range(self.num_frames))
+
+    @property
+    def phone_style(self) -> bool:
+        """True when anything beyond the plain CFR yuv420p mp4 is asked for."""
+        return (self.rotation % 360 != 0 or self.hflip or self.vfr or self.pix_fmt != "yuv420p"
+                or bool(self.color_range or self.colorspace or self.extra_stream) or self.sar != (1, 1)
+                or self.container != "mp4")
+
+    @property
+    def upright_stored(self) -> tuple[int, int]:
+        """(height, width) of the picture before the display rotation, at square pixels."""
+        if self.rotation % 180:
+            return self.width, self.height
+        return self.height, self.width
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """(height, width) of the encoded pixels."""
+        h, w = self.upright_stored
+        return h, w * self.sar[1] // self.sar[0]
 
     @property
     def rgb(self) -> tuple[int, int, int]:
@@ -78,9 +142,16 @@ class ClipSpec:
     def filename(self) -> str:
         """A file name that encodes the whole spec (used as a cache key)."""
         secs = f"{self.seconds:g}".replace(".", "p")
+        extra = ""
+        if self.phone_style:
+            parts = [f"r{self.rotation % 360}" if self.rotation % 360 else "", "hflip" if self.hflip else "",
+                     "tag" if self.rotate_tag else "", "vfr" if self.vfr else "",
+                     self.pix_fmt if self.pix_fmt != "yuv420p" else "", self.color_range, self.colorspace,
+                     f"sar{self.sar[0]}-{self.sar[1]}" if self.sar != (1, 1) else "", self.extra_stream]
+            extra = "".join(f"_{p}" for p in parts if p)
         return (
             f"{self.color}_{self.shape}_{self.direction}_{self.width}x{self.height}"
-            f"_{self.fps}fps_{secs}s_g{self.gop}.mp4"
+            f"_{self.fps}fps_{secs}s_g{self.gop}{extra}.{self.container}"
         )
 
 
@@ -98,7 +169,11 @@ def shape_origin(spec: ClipSpec, index: int) -> tuple[int, int]:
     """Top-left (y, x) of the shape in frame ``index``: constant speed from near one edge to near the other."""
     s = spec.size
     margin = max(1, s // 4)
-    t = index / (spec.num_frames - 1) if spec.num_frames > 1 else 0.5
+    if spec.vfr:  # the shape moves at constant speed in time, whatever the frame timing
+        times = spec.times
+        t = times[index] / times[-1]
+    else:
+        t = index / (spec.num_frames - 1) if spec.num_frames > 1 else 0.5
     y_mid = (spec.height - s) // 2
     x_mid = (spec.width - s) // 2
     x_lo, x_hi = margin, spec.width - s - margin
@@ -177,6 +252,10 @@ def _run_ffmpeg(args: list[str], what: str) -> None:
 
 def write_clip(spec: ClipSpec, path: Path | str) -> Path:
     """Encode ``spec`` as an h264/yuv420p mp4 (faststart, GOP ``spec.gop``), piping raw frames to ffmpeg."""
+    if spec.phone_style:
+        from testkit.footage import write_footage
+
+        return write_footage(spec, Path(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")

@@ -17,14 +17,15 @@ PARTITION_SPECS = (
     ClipSpec("red", "down", "square", 1280, 720, 30, 1.0, 12),
     ClipSpec("green", "left", "circle", 352, 288, 24, 4.0, 12),
 )
-# What lands in the DAG's incoming prefix in the end-to-end test and the demo.
+# What lands in the DAG's incoming prefix in the end-to-end test and the demo (one of them rotated).
 DAG_SPECS = (
     ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 12),
     ClipSpec("green", "up", "circle", 352, 288, 25, 2.0, 12),
     ClipSpec("blue", "right", "square", 400, 300, 30, 1.5, 30),
     ClipSpec("yellow", "down", "circle", 320, 240, 24, 3.0, 12),
     ClipSpec("red", "up", "circle", 426, 240, 24, 2.0, 12),
-    ClipSpec("blue", "left", "circle", 640, 360, 25, 2.0, 12),
+    # a phone's portrait clip: stored 640x360, shown 360x640 through a 90-degree display matrix
+    ClipSpec("blue", "left", "circle", 360, 640, 25, 2.0, 12, rotation=90),
 )
 SMALL_SPECS = tuple(ClipSpec(c, "left") for c in ("red", "green", "blue", "yellow"))
 

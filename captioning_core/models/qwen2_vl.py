@@ -118,10 +118,7 @@ def sample_frames(path: str, opts: Qwen2VLOptions, pc: PatchConfig | None = None
     """
     pc = pc or PatchConfig()
     reader = video.open_video(path)
-    total = len(reader)
-    nframes = video.qwen_frame_count(total, float(reader.get_avg_fps() or 0.0), opts.fps)
-    indices = video.qwen_frame_indices(total, nframes)
-    frames = video.read_frames(reader, indices)
+    frames = video.read_frames(reader, video.qwen_sample_indices(reader, opts.fps))  # upright, evenly timed
     max_pixels = opts.max_pixels
     if opts.max_video_tokens:
         max_pixels = max(opts.min_pixels, min(max_pixels, opts.max_video_tokens * pc.token_pixels
