@@ -122,8 +122,6 @@ def is_access_denied(err: BaseException) -> bool:
     return error_code(err) in _DENIED_CODES
 
 
-
-
 def _retrying(fn):
     """Retry an S3 operation on transient errors with exponential backoff, within a time budget."""
 
@@ -167,6 +165,16 @@ def exists(uri: str) -> bool:
 
 
 @_retrying
+def check_readable(uri: str) -> None:
+    """Raise what reading ``uri`` would raise (missing, forbidden, unreachable), reading no content."""
+    if not is_s3(uri):
+        with open(uri, "rb"):
+            return
+    loc = S3Location.parse(uri)
+    s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+
+
+@_retrying
 def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
@@ -207,7 +215,8 @@ def _durable_temp(path: Path, data: bytes) -> Path:
 
 @_retrying
 def put_if_absent(uri: str, data: bytes) -> bool:
-    """Create the object only if nothing is there yet. Returns False if it already existed.
+    """Create the object only if nothing is there yet. Returns False if another object already exists there,
+    True if we created it or it already holds exactly ``data`` (our own PUT whose response was lost).
 
     S3: a conditional PUT (``If-None-Match: *``). Local: write a temp file, then ``link`` it into place,
     which fails if the name exists. Either way the object appears whole or not at all.
@@ -221,7 +230,8 @@ def put_if_absent(uri: str, data: bytes) -> bool:
             return True
         except ClientError as err:
             if is_precondition_failed(err):
-                return False
+                # A retry after a lost response meets our own object: same content means it is ours.
+                return _same_content(loc, data)
             raise
     path = Path(uri)
     tmp = _durable_temp(path, data)
@@ -229,9 +239,19 @@ def put_if_absent(uri: str, data: bytes) -> bool:
         os.link(tmp, path)
         return True
     except FileExistsError:
-        return False
+        return path.read_bytes() == data
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _same_content(loc: S3Location, data: bytes) -> bool:
+    """Whether the object holds exactly ``data``: by ETag (MD5 of a single-part PUT), else by content."""
+    import hashlib
+
+    etag = str(s3_client().head_object(Bucket=loc.bucket, Key=loc.key).get("ETag", "")).strip('"')
+    if etag and "-" not in etag:
+        return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read() == data
 
 
 @_retrying

@@ -36,15 +36,18 @@ def test_journal_roundtrip_and_best_record(tmp_path):
     w2.write(
         [
             RowResult(0, "a.mp4", "ok", "cap a", attempts=2),
-            RowResult(2, "a.mp4", "failed", error="x", attempts=3),
+            RowResult(2, "a.mp4", "transient", error="x", attempts=3),
         ]
     )
     w2.write([RowResult(2, "WRONG.mp4", "ok", "stale record from another partition")])
     got = journal.load(prefix, paths)
     assert got[0].text == "cap a" and got[0].attempts == 2
     assert got[1].text == "cap b"
-    assert got[2].status == "failed" and got[2].attempts == 3
+    assert got[2].status == "transient" and got[2].attempts == 3
     assert journal.is_final(got[2], max_attempts=3) and not journal.is_final(got[2], max_attempts=4)
+    assert journal.is_final(RowResult(2, "a.mp4", "failed", error="no video stream"), max_attempts=4)  # data: final
+    assert journal.as_published(got[2]).status == "failed" and "gave up after 3 attempts: x" in journal.as_published(
+        got[2]).error
     journal.compact(prefix, got)
     assert journal.load(prefix, paths) == got
     assert len([p for p in (tmp_path / "out.csv.parts").iterdir() if p.suffix == ".jsonl"]) == 1
