@@ -40,9 +40,9 @@ class FaultPlan:
         spec = env.get(ENV, "")
         plan = cls()
         for item in filter(None, (s.strip() for s in spec.split(","))):
-            kind, _, rest = item.partition("@")
+            body, _, only_try = item.partition("/")
+            kind, _, rest = body.partition("@")
             target, _, arg = rest.partition(":")
-            arg, _, only_try = arg.partition("/")
             if only_try and not re.fullmatch(r"try\d+", only_try):
                 raise ValueError(f"{ENV}: bad try qualifier {only_try!r} in {item!r}")
             if only_try and only_try != f"try{env.get('AIRFLOW_CTX_TRY_NUMBER', '')}":

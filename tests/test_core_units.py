@@ -134,3 +134,15 @@ def test_fault_plan_targets_a_rank_and_optionally_one_airflow_try():
     for bad in ("explode@0:1", "sigkill@0:1/second"):
         with pytest.raises(ValueError, match="CAPTION_FAULTS"):
             FaultPlan.from_env(0, {"CAPTION_FAULTS": bad})
+
+
+def test_fault_kinds_for_the_retry_drills_parse_with_any_rank_and_try():
+    from captioning_core.faults import FaultPlan
+
+    env = {"CAPTION_FAULTS": "runtime@*/try1,crash_publish@1", "AIRFLOW_CTX_TRY_NUMBER": "1"}
+    assert FaultPlan.from_env(0, env).runtime_error and FaultPlan.from_env(1, env).runtime_error
+    assert not FaultPlan.from_env(0, env).crash_before_output and FaultPlan.from_env(1, env).crash_before_output
+    assert not FaultPlan.from_env(0, {**env, "AIRFLOW_CTX_TRY_NUMBER": "2"}).runtime_error
+    assert FaultPlan.from_env(1, {"CAPTION_FAULTS": "sigkill@1:2/try1", "AIRFLOW_CTX_TRY_NUMBER": "1"}).kill_after_rows == 2
+    with pytest.raises(RuntimeError, match="injected model-runtime error"):
+        FaultPlan(runtime_error=True).before_generate([0])

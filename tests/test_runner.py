@@ -236,6 +236,19 @@ def test_missing_objects_and_escapes_fail_per_row(s3_server, s3_bucket, clips, s
     assert "not found" in errors[4]
 
 
+def test_missing_local_file_is_not_found(clips, tmp_path):
+    """A local path that is not there fails as "video not found", not as a decoder error, and is final."""
+    good = clips[0][0]
+    meta = tmp_path / "meta.csv"
+    meta.write_bytes(meta_csv([Row(str(good), clips[0][1]), Row(str(tmp_path / "gone.mp4"), None)]))
+    cfg = _cfg(str(meta))
+    stats = _run(cfg)[0]
+    assert (stats.captioned, stats.failed, stats.transient) == (1, 1, 0)
+    out = pd.read_csv(cfg.output, dtype=str, keep_default_na=False)
+    assert out["caption_status"].tolist() == ["ok", "failed"]
+    assert out.loc[1, "caption_error"] == f"video not found: {tmp_path / 'gone.mp4'}"
+
+
 def _exists(client, uri: str) -> bool:
     bucket, _, key = uri[5:].partition("/")
     return any(o["Key"] == key for o in client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", []))
