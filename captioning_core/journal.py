@@ -107,9 +107,15 @@ def load(prefix: str, paths: list[str], fingerprint: str | None = None) -> dict[
     """
     results: dict[int, RowResult] = {}
     ignored = other_settings = 0
-    uris = [u for u in storage.list_prefix(prefix) if u.endswith(PART_SUFFIX)]
-    with ThreadPoolExecutor(min(READ_WORKERS, max(1, len(uris))), thread_name_prefix="journal-read") as pool:
-        bodies = list(pool.map(_read_part, uris))
+    for _ in range(10):
+        uris = [u for u in storage.list_prefix(prefix) if u.endswith(PART_SUFFIX)]
+        with ThreadPoolExecutor(min(READ_WORKERS, max(1, len(uris))), thread_name_prefix="journal-read") as pool:
+            bodies = list(pool.map(_read_part, uris))
+        if None not in bodies:
+            break
+        # A part vanished between list and read: a compaction (which writes its merged object before
+        # deleting) ran meanwhile. Reading the rest would miss rows; list again to see the merged object.
+        log.info("journal %s: parts compacted while reading; reading again", prefix)
     for data in bodies:
         if data is None:
             continue

@@ -153,3 +153,30 @@ def test_a_lost_put_response_inside_the_retry_loop_publishes(s3_server, s3_bucke
     assert storage.put_if_absent(f"s3://{s3_bucket}/lost/out.csv", b"body") is True
     assert lost.is_set()
     storage.s3_client.cache_clear()
+
+
+def test_load_during_a_compaction_sees_every_row(tmp_path):
+    """A part deleted between list and read (a publisher compacting) must not hide its rows: they are in
+    the merged object, which load finds by listing again."""
+    prefix = str(tmp_path / "p")
+    rows = _rows(6)
+    writer = journal.PartWriter(prefix, 0, compact_every=100)
+    for row in rows:
+        writer.write([row])
+    real_read = storage.read_bytes
+    compacted = threading.Event()
+
+    def read_racing_a_compaction(uri: str) -> bytes:
+        if not compacted.is_set():
+            compacted.set()
+            journal.compact(prefix, {r.row: r for r in rows})  # merged object written, every part deleted
+        return real_read(uri)
+
+    journal.READ_WORKERS, workers = 1, journal.READ_WORKERS
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(storage, "read_bytes", read_racing_a_compaction)
+            got = journal.load(prefix, [r.path for r in rows])
+    finally:
+        journal.READ_WORKERS = workers
+    assert compacted.is_set() and got == {r.row: r for r in rows}
