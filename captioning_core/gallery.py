@@ -135,6 +135,6 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
 def write_gallery(output: str, rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> str:
     """Write every page; returns the index URI."""
     prefix = gallery_prefix(output)
-    for name, page in render_pages(rows, summary, max_new_tokens).items():
-        storage.write_bytes(storage.join(prefix, name), page.encode("utf-8"))
+    storage.write_many({storage.join(prefix, name): page.encode("utf-8")
+                        for name, page in render_pages(rows, summary, max_new_tokens).items()})
     return storage.join(prefix, "index.html")

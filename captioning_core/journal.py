@@ -176,8 +176,7 @@ class PartWriter:
     def _chunk(self) -> None:
         rows = [r for _, batch in self._since_chunk for r in batch]
         storage.write_bytes(self._name(CHUNK_SUFFIX), _body(rows))  # before any delete: never a gap
-        for uri, _ in self._since_chunk:
-            storage.delete(uri)
+        storage.delete_many([uri for uri, _ in self._since_chunk])
         self._since_chunk = []
 
 
@@ -193,8 +192,7 @@ def compact(prefix: str, results: dict[int, RowResult]) -> None:
     writer = PartWriter(prefix, rank=999)
     writer.token = f"compact-{writer.token}"
     writer.write([results[r] for r in sorted(results)])
-    for uri in before:
-        storage.delete(uri)
+    storage.delete_many(before)
 
 
 def counts(results: dict[int, RowResult]) -> dict[str, int]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 S3_SCHEME = "s3://"
+PARALLEL = 16  # concurrent requests for many small objects (botocore's pool default is 10)
 log = logging.getLogger(__name__)
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "RequestTimeout", "Throttling", "ThrottlingException"}
@@ -72,6 +73,7 @@ def s3_client():
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         retries={"mode": "standard", "max_attempts": 2},  # the time budget is enforced by _retrying
+        max_pool_connections=PARALLEL,  # journal reads, gallery pages and deletes go in parallel
         connect_timeout=float(os.environ.get("CAPTION_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(os.environ.get("CAPTION_S3_READ_TIMEOUT", "60")),
         # Path-style addressing is what self-hosted endpoints (SeaweedFS, MinIO) expect.
@@ -277,6 +279,28 @@ def delete(uri: str) -> None:
         s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
     else:
         Path(uri).unlink(missing_ok=True)
+
+
+def write_many(objects: dict[str, bytes]) -> None:
+    """``write_bytes`` for many objects at once, in parallel (a 10k-row gallery is 100 pages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(PARALLEL, max(1, len(objects))), thread_name_prefix="s3-write") as pool:
+        list(pool.map(lambda item: write_bytes(*item), objects.items()))
+
+
+@_retrying
+def delete_many(uris: list[str]) -> None:
+    """Delete these objects/files (missing ones are fine): one request per 1,000 S3 keys."""
+    s3 = [S3Location.parse(u) for u in uris if is_s3(u)]
+    for uri in uris:
+        if not is_s3(uri):
+            Path(uri).unlink(missing_ok=True)
+    for bucket in sorted({loc.bucket for loc in s3}):
+        keys = [loc.key for loc in s3 if loc.bucket == bucket]
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
 
 
 @_retrying
