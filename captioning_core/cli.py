@@ -6,8 +6,9 @@ Runs the same way alone or under msrun, one process per rank::
         captioning_core/caption_qwen2vl.py /path/to/meta.csv
 
 S3 endpoint and credentials are read from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (per-row failures are in the output),
-2 bad input found before any model load, 1 anything else.
+AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (this rank's rows are final; per-row data
+failures are in the output), 2 bad input found before any model load, 3 rows left for the next attempt
+after transient (environment) errors, with a one-line account in the log; 1 anything else.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ log = logging.getLogger("captioning_core.cli")
 
 DEFAULT_MODEL_DIRS = {"qwen2vl": "pretrained_models/Qwen2-VL-7B-Instruct", "pllava": "./pretrained_models/pllava"}
 EXIT_BAD_INPUT = 2
+EXIT_RETRY = 3
+
+
+def _default(name: str):
+    """The one source of an option's default: RunConfig's field."""
+    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
 def build_parser(model: str) -> argparse.ArgumentParser:
@@ -56,14 +63,24 @@ def build_parser(model: str) -> argparse.ArgumentParser:
                         help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")
     parser.add_argument("--pad_length", type=int, default=4096,
                         help="token-id row width for --gather allgather")
-    parser.add_argument("--max_row_attempts", type=int, default=3,
-                        help="a failed row is retried on later runs until it has failed this many times")
+    parser.add_argument("--max_row_attempts", type=int, default=_default("max_row_attempts"),
+                        help="a row that hit a transient (environment) error is retried by later attempts until "
+                             "it has failed this many times; only then is it published as failed")
+    parser.add_argument("--max_consecutive_errors", type=int, default=_default("max_consecutive_errors"),
+                        help="stop this rank early after this many transient failures in a row")
     parser.add_argument("--video_root", default=None,
                         help="base for relative video paths (default: the meta file's directory)")
     parser.add_argument("--allowed_root", action="append", default=[], dest="allowed_roots",
                         help="only read videos under this local dir or s3:// prefix (repeatable)")
     parser.add_argument("--prefetch_workers", type=int, default=2, help="background decode threads")
     parser.add_argument("--prefetch_batches", type=int, default=2, help="batches decoded ahead of the model")
+    parser.add_argument("--prefetch_bytes", type=int, default=_default("prefetch_bytes"),
+                        help="most bytes of prepared tensors held ahead of the model (one video over it is "
+                             "still prepared, alone)")
+    parser.add_argument("--journal_flush_rows", type=int, default=_default("journal_flush_rows"),
+                        help="journal finished rows at least every this many rows (what a crash can lose)")
+    parser.add_argument("--journal_flush_seconds", type=float, default=_default("journal_flush_seconds"),
+                        help="... and at least every this many seconds")
     parser.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     captioner_class(model).add_arguments(parser)
     return parser
@@ -79,6 +96,8 @@ def config_from_args(model: str, args: argparse.Namespace) -> RunConfig:
         dtype=args.dtype, gather=args.gather, pad_length=args.pad_length,
         max_row_attempts=args.max_row_attempts, video_root=args.video_root, allowed_roots=args.allowed_roots,
         prefetch_workers=args.prefetch_workers, prefetch_batches=args.prefetch_batches,
+        prefetch_bytes=args.prefetch_bytes, journal_flush_rows=args.journal_flush_rows,
+        journal_flush_seconds=args.journal_flush_seconds, max_consecutive_errors=args.max_consecutive_errors,
         log_every=args.log_every, model_options=captioner_class(model).options_from_args(args))
 
 
@@ -98,10 +117,29 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
         cfg = config_from_args(model, args)
     except ValueError as err:
         parser.error(str(err))
-    if cfg.skip_if_existing and storage.exists(cfg.output):
-        log.info("output exists, skipping: %s", cfg.output)
-        return 0
-    return run(cfg, info)
+    try:
+        if cfg.skip_if_existing and storage.exists(cfg.output):
+            log.info("output exists, skipping: %s", cfg.output)
+            if info.rank == 0:
+                _rebuild_beside(cfg)
+            return 0
+        return run(cfg, info)
+    except Exception as err:
+        if storage.is_transient(err) or storage.is_access_denied(err):
+            log.error("attempt failed on an environment error, nothing published; the next attempt resumes: "
+                      "%s: %s", type(err).__name__, err)
+            return EXIT_RETRY
+        raise
+
+
+def _rebuild_beside(cfg: RunConfig) -> None:
+    """A skip that finds summary or gallery missing rebuilds them from the journal (no model is loaded)."""
+    from captioning_core import fingerprint, publish
+
+    try:
+        publish.rebuild_beside(cfg, fingerprint.compute(cfg))
+    except Exception as err:  # the output is there and final: a missing gallery never fails the skip
+        log.warning("could not rebuild summary or gallery beside %s: %s: %s", cfg.output, type(err).__name__, err)
 
 
 def run(cfg: RunConfig, info) -> int:
@@ -125,6 +163,9 @@ def run(cfg: RunConfig, info) -> int:
     runtime.configure(cfg.device_target)
     stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
     log.info("rank stats %s", stats.to_dict())
+    if stats.needs_retry:
+        log.error("%s", stats.account())
+        return EXIT_RETRY
     return 0
 
 

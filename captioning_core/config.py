@@ -32,6 +32,10 @@ class RunConfig:
     video_root: str | None = None
     prefetch_workers: int = 2
     prefetch_batches: int = 2
+    prefetch_bytes: int = 1 << 30  # prepared tensors held ahead of the model (one 4K 10-min clip ~0.6 GB)
+    journal_flush_rows: int = 64  # crash-loss bound: at most this many finished rows ...
+    journal_flush_seconds: float = 30.0  # ... or this many seconds of finished rows are lost to a crash
+    max_consecutive_errors: int = 8  # transient failures in a row that stop a rank early
     log_every: float = 10.0
     allowed_roots: list[str] = field(default_factory=list)
     model_options: dict = field(default_factory=dict)
@@ -50,9 +54,11 @@ class RunConfig:
         if self.gather not in GATHER_MODES:
             raise ValueError(f"--gather must be one of {GATHER_MODES}, got {self.gather!r}")
         for name in ("max_new_tokens", "bs", "pad_length", "max_row_attempts", "prefetch_workers",
-                     "prefetch_batches"):
+                     "prefetch_batches", "prefetch_bytes", "journal_flush_rows", "max_consecutive_errors"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.journal_flush_seconds < 0:
+            raise ValueError(f"--journal_flush_seconds must be >= 0, got {self.journal_flush_seconds!r}")
         if self.gather == "allgather" and self.pad_length < self.max_new_tokens:
             raise ValueError("--pad_length must be >= --max_new_tokens with --gather allgather")
         if not self.question.strip():

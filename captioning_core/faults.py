@@ -3,7 +3,12 @@
 Syntax: comma-separated ``kind@rank:arg``. Kinds:
 - ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt.
 - ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
-- ``slow@R:S``      rank R sleeps S seconds after each journaled batch (to widen race windows).
+- ``slow@R:S``      rank R sleeps S seconds after each journal flush (to widen race windows).
+- ``runtime@R``     every generate call on rank R raises RuntimeError (a device or model-runtime fault:
+                    transient, so the rows are retried by the next attempt).
+- ``crash_publish@R`` rank R SIGKILLs itself while publishing, after summary and gallery, before the output.
+
+``R`` may be ``*``: every rank.
 
 A fault may end in ``/tryN``: it then fires only in Airflow try N (``AIRFLOW_CTX_TRY_NUMBER``, which the
 task exports to msrun and its ranks), e.g. ``sigkill@1:2/try1`` kills rank 1 in the first try only, so
@@ -26,6 +31,8 @@ class FaultPlan:
     kill_after_rows: int | None = None
     oom_rows: set[int] = field(default_factory=set)
     sleep_per_batch: float = 0.0
+    runtime_error: bool = False
+    crash_before_output: bool = False
 
     @classmethod
     def from_env(cls, rank: int, env: dict[str, str] | None = None) -> FaultPlan:
@@ -33,14 +40,14 @@ class FaultPlan:
         spec = env.get(ENV, "")
         plan = cls()
         for item in filter(None, (s.strip() for s in spec.split(","))):
-            kind, _, rest = item.partition("@")
+            body, _, only_try = item.partition("/")
+            kind, _, rest = body.partition("@")
             target, _, arg = rest.partition(":")
-            arg, _, only_try = arg.partition("/")
             if only_try and not re.fullmatch(r"try\d+", only_try):
                 raise ValueError(f"{ENV}: bad try qualifier {only_try!r} in {item!r}")
             if only_try and only_try != f"try{env.get('AIRFLOW_CTX_TRY_NUMBER', '')}":
                 continue
-            if not target or int(target) != rank:
+            if not target or (target != "*" and int(target) != rank):
                 continue
             if kind == "sigkill":
                 plan.kill_after_rows = int(arg)
@@ -48,6 +55,10 @@ class FaultPlan:
                 plan.oom_rows = {int(r) for r in arg.split("+") if r}
             elif kind == "slow":
                 plan.sleep_per_batch = float(arg)
+            elif kind == "runtime":
+                plan.runtime_error = True
+            elif kind == "crash_publish":
+                plan.crash_before_output = True
             else:
                 raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
         return plan
@@ -56,6 +67,12 @@ class FaultPlan:
         hit = self.oom_rows.intersection(rows)
         if hit:
             raise MemoryError(f"injected out-of-memory for rows {sorted(hit)}")
+        if self.runtime_error:
+            raise RuntimeError(f"injected model-runtime error for rows {rows}")
+
+    def before_output(self) -> None:
+        if self.crash_before_output:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def after_journal(self, rows_done: int) -> None:
         if self.sleep_per_batch:

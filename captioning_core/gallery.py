@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from captioning_core import storage
+from captioning_core.fingerprint import describe
 
 PAGE_SIZE = 100
 THUMB_HEIGHT = 72
@@ -82,7 +83,7 @@ table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e3e6ea;
 vertical-align:top}td.thumb img{height:72px;display:block}.ok{color:#17633a}.failed{color:#a4161a}
 .flag{background:#fff1c2;border-radius:4px;padding:0 4px;margin-right:4px;font-size:.85em}
 .path{font-family:monospace;font-size:.85em;word-break:break-all;max-width:28em}.err{color:#a4161a;font-size:.85em}
-nav a{margin-right:.6em}"""
+nav a{margin-right:.6em}.fp{font-size:.85em;color:#57606a;margin-top:.3em}"""
 
 
 def _page_name(page: int) -> str:
@@ -114,6 +115,9 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
              ("flagged", flagged), ("rows/s", summary.get("rows_per_second", "-")),
              ("model busy", summary.get("model_busy", "-"))]
     head = "".join(f"<div><b>{html.escape(str(v))}</b>{html.escape(k)}</div>" for k, v in cards)
+    fp = summary.get("fingerprint")
+    settings = (f'<div class="fp" data-fingerprint="{html.escape(str(fp.get("id", "")))}">settings '
+                f"{html.escape(describe(fp))}</div>" if fp else "")
     out = {}
     for page in range(pages):
         chunk = rows[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
@@ -122,7 +126,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
             f"<!doctype html><html><head><meta charset=utf-8><title>Captions: "
             f"{html.escape(summary.get('output', ''))}</title><style>{_STYLE}</style></head><body>"
             f"<h1>Caption gallery</h1><div class=path>{html.escape(summary.get('output', ''))} "
-            f"({html.escape(str(summary.get('model', '')))})</div><div class=sum>{head}</div>{_nav(page, pages)}"
+            f"({html.escape(str(summary.get('model', '')))})</div>{settings}<div class=sum>{head}</div>{_nav(page, pages)}"
             f"<table><thead><tr><th>#</th><th>frames</th><th>video</th><th>status</th><th>caption</th></tr>"
             f"</thead><tbody>{body}</tbody></table>{_nav(page, pages)}</body></html>")
     return out
@@ -131,6 +135,6 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
 def write_gallery(output: str, rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> str:
     """Write every page; returns the index URI."""
     prefix = gallery_prefix(output)
-    for name, page in render_pages(rows, summary, max_new_tokens).items():
-        storage.write_bytes(storage.join(prefix, name), page.encode("utf-8"))
+    storage.write_many({storage.join(prefix, name): page.encode("utf-8")
+                        for name, page in render_pages(rows, summary, max_new_tokens).items()})
     return storage.join(prefix, "index.html")

@@ -1,9 +1,12 @@
 """The per-rank loop: skip finished rows, decode ahead in the background, batch, generate, journal, publish.
 
-Decoding, frame sampling, preprocessing and S3 reads for the next batches run in a thread pool (bounded
-by ``prefetch_batches``) while the current batch generates; journal writes go through a writer thread.
-Every row ends as a RowResult: a caption, or a failure with its reason. Nothing one row does stops the
-others.
+Decoding, frame sampling, preprocessing and S3 reads for the next batches run in a thread pool (bounded by
+``prefetch_batches`` and by ``prefetch_bytes`` of prepared tensors) while the current batch generates;
+journal writes go through a writer thread. Every row ends as a RowResult of one of two failure classes:
+a data failure (the video itself is unreadable or not there) is final; anything the environment caused
+(S3, credentials, network, model runtime, memory) is ``transient``: the row is retried by the next attempt
+and holds back the publish until it has failed ``max_row_attempts`` times. Nothing one row does stops the
+others, but ``max_consecutive_errors`` transient failures in a row stop the rank early.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
-from captioning_core import gallery, journal, metadata, storage
+from captioning_core import fingerprint, gallery, journal, metadata, storage
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
-from captioning_core.journal import RowResult
+from captioning_core.journal import STATUS_TRANSIENT, RowResult
 from captioning_core.metadata import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.models.base import Captioner
 from captioning_core.paths import resolve_video
+from captioning_core.prefetch import BytePrefetcher, nbytes
 from captioning_core.progress import Progress
+from captioning_core.publish import publish
 from captioning_core.sharding import RankInfo, rows_for_rank
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,18 @@ class RankStats:
     rows_processed: int = 0
     captioned: int = 0
     failed: int = 0
+    transient: int = 0  # rows left for the next attempt after an environment error
     generate_calls: int = 0
     load_seconds: float = 0.0
     busy_seconds: float = 0.0
     wall_seconds: float = 0.0
     decode_seconds: float = 0.0
     input_wait_seconds: float = 0.0  # the model loop waiting for decoded videos: >0 means decode-bound
+    prefetch_peak_bytes: int = 0  # most bytes of prepared tensors held at once (bounded by prefetch_bytes)
+    model_loaded: bool = False
+    stopped_early: str = ""  # why the rank stopped before its last row ("" if it did not)
+    last_transient_error: str = ""
+    fingerprint: str = ""
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -71,6 +80,18 @@ class RankStats:
     @property
     def rows_per_second(self) -> float:
         return self.rows_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def needs_retry(self) -> bool:
+        """This attempt left work for the next one: the process should exit non-zero."""
+        return bool(self.transient or self.stopped_early)
+
+    def account(self) -> str:
+        """One line for the exit: which rows are left and why."""
+        return (f"rank {self.rank}/{self.world_size}: {self.transient} of {self.rows_owned - self.rows_skipped} rows "
+                f"left for the next attempt after transient errors"
+                f"{'; stopped early: ' + self.stopped_early if self.stopped_early else ''}; last error: "
+                f"{self.last_transient_error}; partition not published")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -86,38 +107,70 @@ class Prepared:
     path: str
     item: object = None
     error: str = ""
+    transient: bool = False  # the error is the environment's, not the video's
     seconds: float = 0.0
     thumb: bytes | None = None
+    nbytes: int = 0
 
 
 class JournalWriter:
-    """Writes journal parts on a background thread; errors surface on the next call or on close."""
+    """Writes journal parts on a background thread; errors surface on the next call or on close.
 
-    def __init__(self, writer: journal.PartWriter, faults: FaultPlan, thumbs_prefix: str) -> None:
+    Rows are buffered and flushed every ``flush_rows`` rows or ``flush_seconds`` after the oldest unflushed
+    row, whichever comes first: that is the crash-loss bound. Thumbnails are written at once (before any
+    row that points at them is flushed).
+    """
+
+    def __init__(self, writer: journal.PartWriter, faults: FaultPlan, thumbs_prefix: str,
+                 flush_rows: int = 1, flush_seconds: float = 0.0) -> None:
         self._writer = writer
         self._thumbs_prefix = thumbs_prefix
         self._faults = faults
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._error: BaseException | None = None
+        self._buffer: list[RowResult] = []
+        self._oldest = 0.0
         self.rows_written = 0
         self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
         self._thread.start()
 
+    def _timeout(self) -> float | None:
+        if not self._buffer or self._flush_seconds <= 0:
+            return None
+        return max(0.0, self._oldest + self._flush_seconds - time.monotonic())
+
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch, thumbs = item
+            try:
+                item = self._queue.get(timeout=self._timeout())
+            except queue.Empty:
+                item = ()
             try:
                 if self._error is None:
-                    for row, data in thumbs.items():  # before the rows that point at them
-                        storage.write_bytes(storage.join(self._thumbs_prefix, gallery.thumb_name(row)), data)
-                    self._writer.write(batch)
-                    self.rows_written += len(batch)
-                    self._faults.after_journal(self.rows_written)
+                    if item:
+                        batch, thumbs = item
+                        for row, data in thumbs.items():  # before the rows that point at them
+                            storage.write_bytes(storage.join(self._thumbs_prefix, gallery.thumb_name(row)), data)
+                        if not self._buffer:
+                            self._oldest = time.monotonic()
+                        self._buffer.extend(batch)
+                    due = self._timeout()
+                    if item is None or len(self._buffer) >= self._flush_rows or (due is not None and due <= 0):
+                        self._flush()
             except BaseException as err:  # surfaced to the main thread
                 self._error = err
+            if item is None:
+                return
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        self._writer.write(self._buffer)
+        self.rows_written += len(self._buffer)
+        self._buffer = []
+        self._faults.after_journal(self.rows_written)
 
     def put(self, results: list[RowResult], thumbs: dict[int, bytes] | None = None) -> None:
         self._raise()
@@ -142,40 +195,70 @@ class RankRunner:
 
     def run(self) -> RankStats:
         cfg, info = self.cfg, self.info
-        stats = RankStats(info.rank, info.world_size)
+        self.fingerprint = fingerprint.compute(cfg)
+        fp_id = self.fingerprint["id"]
+        stats = RankStats(info.rank, info.world_size, fingerprint=fp_id)
         partition = metadata.read_partition(cfg.meta_path)
-        previous = journal.load(cfg.parts_prefix, partition.paths)
+        previous = journal.load(cfg.parts_prefix, partition.paths, fp_id)
         owned = rows_for_rank(len(partition), info)
         pending = [r for r in owned if not journal.is_final(previous.get(r), cfg.max_row_attempts)]
         stats.rows_owned, stats.rows_skipped = len(owned), len(owned) - len(pending)
-        log.info("rank %d/%d: %d rows in partition, %d owned, %d already done, %d to caption",
-                 info.rank, info.world_size, len(partition), len(owned), stats.rows_skipped, len(pending))
+        log.info("rank %d/%d: %d rows in partition, %d owned, %d already done, %d to caption (fingerprint %s)",
+                 info.rank, info.world_size, len(partition), len(owned), stats.rows_skipped, len(pending), fp_id)
         gathered: list[tuple[int, int, list[int]]] = []
-        if pending:
+        if pending and self._preflight(partition, pending[0], previous, stats):
             self.captioner.setup_preprocessing()
-            with self._prefetched(partition, pending) as prepared:  # decoding starts while the model loads
+            with self._prefetched(partition, pending, stats) as prepared:  # decoding starts while the model loads
                 started = time.perf_counter()
                 self.captioner.setup()
+                stats.model_loaded = True
                 stats.load_seconds = time.perf_counter() - started
                 gathered = self._caption_rows(prepared, len(pending), previous, stats)
         if cfg.gather == "allgather":
             return self._finish_allgather(partition, gathered, stats)
         self._write_stats(stats)
-        publish(cfg, partition)
+        if not stats.needs_retry:
+            publish(cfg, partition, self.fingerprint, faults=self.faults)
         return stats
+
+    def _preflight(self, partition: Partition, row: int, previous: dict, stats: RankStats) -> bool:
+        """Before loading any model: can this rank read its first pending video? A transient failure here
+        (credentials, S3 down) stops the rank at once; it is journaled so the row's attempts still count."""
+        path = partition.paths[row]
+        try:
+            uri = resolve_video(path, self.cfg)
+        except Exception:  # a data failure of this row: the loop records it
+            return True
+        try:
+            storage.check_readable(uri)
+            return True
+        except Exception as err:
+            if storage.is_not_found(err):
+                return True
+            error = short_error(err)
+        stats.transient, stats.last_transient_error = 1, error
+        stats.stopped_early = f"cannot read the first pending video ({error}); model not loaded"
+        log.error("rank %d: row %d: %s", self.info.rank, row, stats.stopped_early)
+        try:
+            journal.PartWriter(self.cfg.parts_prefix, self.info.rank).write(
+                [self._result(Prepared(row, path), STATUS_TRANSIENT, "", error, previous)])
+        except Exception as write_err:  # the journal may sit behind the same broken credentials
+            log.warning("rank %d: could not journal the attempt: %s", self.info.rank, short_error(write_err))
+        return False
 
     # -- the loop -------------------------------------------------------------------------------------
     def _caption_rows(self, prepared: Iterator[Prepared], count: int, previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
         cfg = self.cfg
         writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
-                               gallery.gallery_prefix(cfg.output))
+                               gallery.gallery_prefix(cfg.output), cfg.journal_flush_rows, cfg.journal_flush_seconds)
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
+        self._consecutive = 0
         t0 = time.perf_counter()
         try:
             batch: list[Prepared] = []
-            while True:
+            while not stats.stopped_early:
                 waited = time.perf_counter()
                 prep = next(prepared, None)
                 stats.input_wait_seconds += time.perf_counter() - waited
@@ -184,6 +267,7 @@ class RankRunner:
                 stats.decode_seconds += prep.seconds
                 if prep.error:
                     results = [self._failed(prep, prep.error, previous)]
+                    self._release([prep])
                     writer.put(results)
                     self._account(results, stats, progress, t0)
                     continue
@@ -193,7 +277,7 @@ class RankRunner:
                     writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                     self._account(results, stats, progress, t0)
                     batch = []
-            if batch:
+            if batch and not stats.stopped_early:
                 results = self._caption_batch(batch, previous, stats, gathered)
                 writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                 self._account(results, stats, progress, t0)
@@ -205,52 +289,78 @@ class RankRunner:
 
     def _account(self, results: list[RowResult], stats: RankStats, progress: Progress, t0: float) -> None:
         stats.rows_processed += len(results)
-        stats.captioned += sum(r.status == STATUS_OK for r in results)
-        stats.failed += sum(r.status == STATUS_FAILED for r in results)
+        for res in results:
+            if res.status == STATUS_OK:
+                stats.captioned += 1
+            elif journal.is_final(res, self.cfg.max_row_attempts):
+                stats.failed += 1
+            else:
+                stats.transient += 1
+            if res.status == STATUS_TRANSIENT:
+                self._consecutive += 1
+                stats.last_transient_error = res.error
+            else:
+                self._consecutive = 0
+        if self._consecutive >= self.cfg.max_consecutive_errors:
+            stats.stopped_early = f"{self._consecutive} consecutive transient failures"
+            log.error("rank %d: stopping early after %d consecutive transient failures (last: %s)",
+                      self.info.rank, self._consecutive, stats.last_transient_error)
         stats.wall_seconds = time.perf_counter() - t0
         progress.update(stats)
 
     @contextlib.contextmanager
-    def _prefetched(self, partition: Partition, rows: list[int]) -> Iterator[Iterator[Prepared]]:
-        """Prepared videos in row order. The first ``prefetch_batches + 1`` batches start decoding on entry
-        (so they decode while the model loads); afterwards up to that many batches decode ahead."""
+    def _prefetched(self, partition: Partition, rows: list[int], stats: RankStats) -> Iterator[Iterator[Prepared]]:
+        """Prepared videos in row order. Decoding starts on entry (so it overlaps the model load); afterwards up
+        to ``prefetch_batches`` batches decode ahead, within ``prefetch_bytes`` of prepared tensors."""
         paths = partition.paths
-        window = self.cfg.bs * (self.cfg.prefetch_batches + 1)
         cache_dir = tempfile.mkdtemp(prefix="caption-cache-")
-        pool = ThreadPoolExecutor(self.cfg.prefetch_workers, thread_name_prefix="decode")
-        futures: deque = deque(pool.submit(self._prepare_one, row, paths[row], cache_dir) for row in rows[:window])
-        later = iter(rows[window:])
+        fetcher = BytePrefetcher(rows, lambda row: self._prepare_one(row, paths[row], cache_dir),
+                                 lambda prep: prep.nbytes, self.cfg.prefetch_bytes,
+                                 self.cfg.bs * (self.cfg.prefetch_batches + 1), self.cfg.prefetch_workers)
+        self._fetcher = fetcher
 
         def in_order() -> Iterator[Prepared]:
-            while futures:
-                prep = futures.popleft().result()
-                nxt = next(later, None)
-                if nxt is not None:
-                    futures.append(pool.submit(self._prepare_one, nxt, paths[nxt], cache_dir))
+            for prep, _ in fetcher:
                 yield prep
 
         try:
             yield in_order()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            fetcher.close()
+            stats.prefetch_peak_bytes = fetcher.peak
             shutil.rmtree(cache_dir, ignore_errors=True)
+
+    def _release(self, batch: list[Prepared]) -> None:
+        """The model is done with these items: their bytes leave the prefetch budget."""
+        for prep in batch:
+            self._fetcher.release(prep.nbytes)
+            prep.item = None
 
     def _prepare_one(self, row: int, path: str, cache_dir: str) -> Prepared:
         started = time.perf_counter()
         prep = Prepared(row, path)
         local, owned = None, False
         try:
+            stage = "path"
             uri = resolve_video(path, self.cfg)
+            stage = "fetch"
             local, owned = storage.fetch_to_local(uri, cache_dir)
+            if not owned and not os.path.isfile(local):
+                raise FileNotFoundError(local)
+            stage = "decode"
             prep.item = self.captioner.prepare(local)
             frames = self.captioner.thumbnail_frames(prep.item)
             if frames is not None and len(frames):
                 prep.thumb = gallery.thumbnail_strip(frames)
-        except Exception as err:  # any per-row problem becomes that row's failure
+            prep.nbytes = nbytes(prep.item)
+        except Exception as err:  # any per-row problem becomes that row's result, never the rank's
+            prep.item = None
             if storage.is_not_found(err):
                 prep.error = f"video not found: {path}"
             else:
                 prep.error = short_error(err)
+                prep.transient = (stage == "fetch" or is_oom(err) or isinstance(err, PermissionError)
+                                  or storage.is_transient(err) or storage.is_access_denied(err))
         finally:
             if owned and local and os.path.exists(local):
                 os.unlink(local)
@@ -262,19 +372,21 @@ class RankRunner:
         try:
             ids = self._generate(batch, stats)
         except Exception as err:
-            if len(batch) == 1:
-                return [self._failed(batch[0], short_error(err), previous)]
+            if len(batch) == 1:  # the model runtime failed on this row alone: the environment's fault
+                self._release(batch)
+                return [self._result(batch[0], STATUS_TRANSIENT, "", short_error(err), previous)]
             log.warning("rank %d: batch of %d failed (%s); retrying one row at a time",
                         self.info.rank, len(batch), "out of memory" if is_oom(err) else short_error(err))
             results = []
             for prep in batch:
                 results.extend(self._caption_batch([prep], previous, stats, gathered))
             return results
+        self._release(batch)
         results = []
         for prep, row_ids in zip(batch, ids, strict=True):
             gathered.append((prep.row, 1, row_ids))
-            results.append(RowResult(prep.row, prep.path, STATUS_OK, self.captioner.decode(row_ids),
-                                     "", self._attempt(prep.row, previous), len(row_ids), prep.thumb is not None))
+            results.append(self._result(prep, STATUS_OK, self.captioner.decode(row_ids), "", previous,
+                                        tokens=len(row_ids)))
         return results
 
     def _generate(self, batch: list[Prepared], stats: RankStats) -> list[list[int]]:
@@ -286,19 +398,28 @@ class RankRunner:
             stats.busy_seconds += time.perf_counter() - started
             stats.generate_calls += 1
 
-    def _attempt(self, row: int, previous: dict) -> int:
-        prior = previous.get(row)
-        return prior.attempts + 1 if prior is not None else 1
+    def _result(self, prep: Prepared, status: str, text: str, error: str, previous: dict,
+                tokens: int = 0) -> RowResult:
+        prior = previous.get(prep.row)
+        attempts = prior.attempts + 1 if prior is not None else 1
+        if status != STATUS_OK:
+            log.warning("rank %d: row %d %s (attempt %d): %s", self.info.rank, prep.row,
+                        "failed" if status == STATUS_FAILED else "hit a transient error", attempts, error)
+        return RowResult(prep.row, prep.path, status, text, error, attempts, tokens, prep.thumb is not None,
+                         self.fingerprint["id"])
 
     def _failed(self, prep: Prepared, error: str, previous: dict) -> RowResult:
-        log.warning("rank %d: row %d failed: %s", self.info.rank, prep.row, error)
-        return RowResult(prep.row, prep.path, STATUS_FAILED, "", error, self._attempt(prep.row, previous),
-                         thumb=prep.thumb is not None)
+        return self._result(prep, STATUS_TRANSIENT if prep.transient else STATUS_FAILED, "", error, previous)
 
     # -- endings --------------------------------------------------------------------------------------
     def _write_stats(self, stats: RankStats) -> None:
         uri = storage.join(self.cfg.parts_prefix, "stats", f"rank{self.info.rank:03d}-{time.time_ns()}.json")
-        storage.write_bytes(uri, json.dumps(stats.to_dict()).encode())
+        try:
+            storage.write_bytes(uri, json.dumps(stats.to_dict()).encode())
+        except Exception as err:
+            if not stats.needs_retry:
+                raise
+            log.warning("rank %d: could not write stats: %s", self.info.rank, short_error(err))
 
     def _finish_allgather(self, partition: Partition, gathered: list, stats: RankStats) -> RankStats:
         """The seed's path: token ids AllGathered (padded to pad_length), rank 0 decodes and publishes."""
@@ -321,62 +442,6 @@ class RankRunner:
         for row, ok, n, *ids in everything:
             if row >= 0 and ok:
                 decoded[row] = ids[:n]
-        publish(self.cfg, partition, overrides={r: self.captioner.decode(i) for r, i in decoded.items()})
+        publish(self.cfg, partition, self.fingerprint, overrides={r: self.captioner.decode(i)
+                                                                  for r, i in decoded.items()}, faults=self.faults)
         return stats
-
-
-def publish(cfg: RunConfig, partition: Partition, overrides: dict[int, str] | None = None) -> bool:
-    """Publish the final output if every row is accounted for; returns whether this call published.
-
-    With ``skip_if_existing`` the write is conditional (first publisher wins); without it the output is
-    replaced atomically. Either way readers never see a partial object.
-    """
-    results = journal.load(cfg.parts_prefix, partition.paths)
-    missing = [r for r in range(len(partition)) if r not in results]
-    if missing:
-        log.info("not publishing yet: %d rows still without a result (first: %s)", len(missing), missing[:5])
-        return False
-    for row, text in (overrides or {}).items():
-        if results[row].status == STATUS_OK:
-            results[row] = replace(results[row], text=text)
-    table = metadata.merge_results(partition, results)
-    body = metadata.serialise(table, cfg.output)
-    if cfg.skip_if_existing:
-        published = storage.put_if_absent(cfg.output, body)
-    else:
-        storage.write_bytes(cfg.output, body)
-        published = True
-    if published:
-        ranks = _load_rank_stats(cfg)
-        summary = {"output": cfg.output, "meta_path": cfg.meta_path, "model": cfg.model,
-                   **journal.counts(results), **_latest_attempt(ranks), "ranks": ranks}
-        storage.write_bytes(cfg.summary_uri, json.dumps(summary, indent=1).encode())
-        rows = [gallery.GalleryRow(r, res.path, res.status, res.text, res.error, res.tokens, res.thumb)
-                for r, res in sorted(results.items())]
-        index = gallery.write_gallery(cfg.output, rows, summary, cfg.max_new_tokens)
-        journal.compact(cfg.parts_prefix, results)
-        log.info("published %s (%s); gallery %s", cfg.output, journal.counts(results), index)
-    return published
-
-
-def _latest_attempt(ranks: list[dict]) -> dict:
-    """Rows skipped, rate and model-busy fraction of the most recent attempt (newest stats per rank)."""
-    newest: dict[int, dict] = {}
-    for stat in ranks:
-        if stat["rank"] not in newest or stat.get("started_at", 0) > newest[stat["rank"]].get("started_at", 0):
-            newest[stat["rank"]] = stat
-    latest = list(newest.values())
-    wall = sum(s.get("wall_seconds", 0.0) for s in latest)
-    return {"skipped": sum(s.get("rows_skipped", 0) for s in latest),
-            "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in latest), 3),
-            "model_busy": round(sum(s.get("busy_seconds", 0.0) for s in latest) / wall, 3) if wall else None}
-
-
-def _load_rank_stats(cfg: RunConfig) -> list[dict]:
-    out = []
-    for uri in storage.list_prefix(storage.join(cfg.parts_prefix, "stats/")):
-        try:
-            out.append(json.loads(storage.read_bytes(uri)))
-        except Exception as err:  # stats are informative; never block a publish on them
-            log.warning("unreadable stats object %s: %s", uri, short_error(err))
-    return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 S3_SCHEME = "s3://"
+PARALLEL = 16  # concurrent requests for many small objects (botocore's pool default is 10)
 log = logging.getLogger(__name__)
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "RequestTimeout", "Throttling", "ThrottlingException"}
@@ -72,6 +73,7 @@ def s3_client():
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         retries={"mode": "standard", "max_attempts": 2},  # the time budget is enforced by _retrying
+        max_pool_connections=PARALLEL,  # journal reads, gallery pages and deletes go in parallel
         connect_timeout=float(os.environ.get("CAPTION_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(os.environ.get("CAPTION_S3_READ_TIMEOUT", "60")),
         # Path-style addressing is what self-hosted endpoints (SeaweedFS, MinIO) expect.
@@ -122,8 +124,6 @@ def is_access_denied(err: BaseException) -> bool:
     return error_code(err) in _DENIED_CODES
 
 
-
-
 def _retrying(fn):
     """Retry an S3 operation on transient errors with exponential backoff, within a time budget."""
 
@@ -167,6 +167,16 @@ def exists(uri: str) -> bool:
 
 
 @_retrying
+def check_readable(uri: str) -> None:
+    """Raise what reading ``uri`` would raise (missing, forbidden, unreachable), reading no content."""
+    if not is_s3(uri):
+        with open(uri, "rb"):
+            return
+    loc = S3Location.parse(uri)
+    s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+
+
+@_retrying
 def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
@@ -207,7 +217,8 @@ def _durable_temp(path: Path, data: bytes) -> Path:
 
 @_retrying
 def put_if_absent(uri: str, data: bytes) -> bool:
-    """Create the object only if nothing is there yet. Returns False if it already existed.
+    """Create the object only if nothing is there yet. Returns False if another object already exists there,
+    True if we created it or it already holds exactly ``data`` (our own PUT whose response was lost).
 
     S3: a conditional PUT (``If-None-Match: *``). Local: write a temp file, then ``link`` it into place,
     which fails if the name exists. Either way the object appears whole or not at all.
@@ -221,7 +232,8 @@ def put_if_absent(uri: str, data: bytes) -> bool:
             return True
         except ClientError as err:
             if is_precondition_failed(err):
-                return False
+                # A retry after a lost response meets our own object: same content means it is ours.
+                return _same_content(loc, data)
             raise
     path = Path(uri)
     tmp = _durable_temp(path, data)
@@ -229,9 +241,19 @@ def put_if_absent(uri: str, data: bytes) -> bool:
         os.link(tmp, path)
         return True
     except FileExistsError:
-        return False
+        return path.read_bytes() == data
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _same_content(loc: S3Location, data: bytes) -> bool:
+    """Whether the object holds exactly ``data``: by ETag (MD5 of a single-part PUT), else by content."""
+    import hashlib
+
+    etag = str(s3_client().head_object(Bucket=loc.bucket, Key=loc.key).get("ETag", "")).strip('"')
+    if etag and "-" not in etag:
+        return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read() == data
 
 
 @_retrying
@@ -257,6 +279,28 @@ def delete(uri: str) -> None:
         s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
     else:
         Path(uri).unlink(missing_ok=True)
+
+
+def write_many(objects: dict[str, bytes]) -> None:
+    """``write_bytes`` for many objects at once, in parallel (a 10k-row gallery is 100 pages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(PARALLEL, max(1, len(objects))), thread_name_prefix="s3-write") as pool:
+        list(pool.map(lambda item: write_bytes(*item), objects.items()))
+
+
+@_retrying
+def delete_many(uris: list[str]) -> None:
+    """Delete these objects/files (missing ones are fine): one request per 1,000 S3 keys."""
+    s3 = [S3Location.parse(u) for u in uris if is_s3(u)]
+    for uri in uris:
+        if not is_s3(uri):
+            Path(uri).unlink(missing_ok=True)
+    for bucket in sorted({loc.bucket for loc in s3}):
+        keys = [loc.key for loc in s3 if loc.bucket == bucket]
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
 
 
 @_retrying

@@ -36,15 +36,18 @@ def test_journal_roundtrip_and_best_record(tmp_path):
     w2.write(
         [
             RowResult(0, "a.mp4", "ok", "cap a", attempts=2),
-            RowResult(2, "a.mp4", "failed", error="x", attempts=3),
+            RowResult(2, "a.mp4", "transient", error="x", attempts=3),
         ]
     )
     w2.write([RowResult(2, "WRONG.mp4", "ok", "stale record from another partition")])
     got = journal.load(prefix, paths)
     assert got[0].text == "cap a" and got[0].attempts == 2
     assert got[1].text == "cap b"
-    assert got[2].status == "failed" and got[2].attempts == 3
+    assert got[2].status == "transient" and got[2].attempts == 3
     assert journal.is_final(got[2], max_attempts=3) and not journal.is_final(got[2], max_attempts=4)
+    assert journal.is_final(RowResult(2, "a.mp4", "failed", error="no video stream"), max_attempts=4)  # data: final
+    assert journal.as_published(got[2]).status == "failed" and "gave up after 3 attempts: x" in journal.as_published(
+        got[2]).error
     journal.compact(prefix, got)
     assert journal.load(prefix, paths) == got
     assert len([p for p in (tmp_path / "out.csv.parts").iterdir() if p.suffix == ".jsonl"]) == 1
@@ -131,3 +134,15 @@ def test_fault_plan_targets_a_rank_and_optionally_one_airflow_try():
     for bad in ("explode@0:1", "sigkill@0:1/second"):
         with pytest.raises(ValueError, match="CAPTION_FAULTS"):
             FaultPlan.from_env(0, {"CAPTION_FAULTS": bad})
+
+
+def test_fault_kinds_for_the_retry_drills_parse_with_any_rank_and_try():
+    from captioning_core.faults import FaultPlan
+
+    env = {"CAPTION_FAULTS": "runtime@*/try1,crash_publish@1", "AIRFLOW_CTX_TRY_NUMBER": "1"}
+    assert FaultPlan.from_env(0, env).runtime_error and FaultPlan.from_env(1, env).runtime_error
+    assert not FaultPlan.from_env(0, env).crash_before_output and FaultPlan.from_env(1, env).crash_before_output
+    assert not FaultPlan.from_env(0, {**env, "AIRFLOW_CTX_TRY_NUMBER": "2"}).runtime_error
+    assert FaultPlan.from_env(1, {"CAPTION_FAULTS": "sigkill@1:2/try1", "AIRFLOW_CTX_TRY_NUMBER": "1"}).kill_after_rows == 2
+    with pytest.raises(RuntimeError, match="injected model-runtime error"):
+        FaultPlan(runtime_error=True).before_generate([0])

@@ -64,6 +64,7 @@ def clips(tmp_path_factory, broken_clips):
 
 
 def _cfg(meta: str, **kw) -> RunConfig:
+    kw.setdefault("journal_flush_rows", 1)  # one part per batch: crash points are exact
     return RunConfig(meta_path=meta, model="colour", pretrained_model_name_or_path="unused", device_target="CPU",
                      log_every=0, **kw)
 
@@ -128,38 +129,67 @@ def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket,
     _run_rank = RankRunner(cfg, RankInfo(0, 3), ColourCaptioner(cfg)).run()
     assert _run_rank.rows_processed == 3
     assert not _exists(client, cfg.output)
-    # attempt 2 with 2 ranks: rows 0 and 6 are done; row 3 (garbage) failed once, so it is tried again
+    # attempt 2 with 2 ranks: rows 0 and 6 are done, and row 3 (garbage) failed for a data reason: final
     stats = _run(cfg, world=2)
-    assert sum(s.rows_skipped for s in stats) == 2
-    assert sum(s.rows_processed for s in stats) == len(rows) - 2
-    assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 2
+    assert sum(s.rows_skipped for s in stats) == 3
+    assert sum(s.rows_processed for s in stats) == len(rows) - 3
+    assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 1
     out = _output(client, cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
 
 
-def test_failed_rows_are_retried_up_to_the_limit(s3_server, s3_bucket, clips, s3_env):
+def test_data_failures_are_final_and_not_retried(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta, max_row_attempts=2)
+    cfg = _cfg(meta)
     first = _run(cfg)[0]
-    second = _run(cfg)[0]  # no skip_if_existing: rerun retries the 2 failed rows only
-    third = _run(cfg)[0]   # both have failed twice now: nothing left to do, no model work
-    assert (first.rows_processed, second.rows_processed, third.rows_processed) == (8, 2, 0)
+    second = _run(cfg)[0]  # no skip_if_existing: nothing is left to do, no model work
+    assert (first.rows_processed, first.failed, first.transient) == (8, 2, 0)
+    assert (second.rows_processed, second.model_loaded) == (0, False)
     results = journal.load(cfg.parts_prefix, [r.path for r in rows])
-    assert sorted(r.attempts for r in results.values() if r.status == "failed") == [2, 2]
+    assert sorted(r.attempts for r in results.values() if r.status == "failed") == [1, 1]
 
 
-def test_oom_batch_is_retried_row_by_row(s3_server, s3_bucket, clips, s3_env):
+def test_runtime_fault_holds_the_publish_and_the_next_attempt_redoes_exactly_those_rows(
+        s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta, bs=4)
+    cfg = _cfg(meta, bs=2)
+    first = _run(cfg, world=2, faults=FaultPlan(runtime_error=True))
+    assert not _exists(client, cfg.output) and all(s.needs_retry for s in first)
+    assert sum(s.transient for s in first) == 6 and sum(s.failed for s in first) == 2  # 2 broken files: final
+    assert "rows left for the next attempt" in first[0].account()
     ColourCaptioner.generate_calls = []
-    _run(cfg, faults=FaultPlan(oom_rows={1}))
+    second = _run(cfg, world=2)
+    assert sum(s.rows_processed for s in second) == 6 and not any(s.needs_retry for s in second)
     out = _output(client, cfg.output)
-    assert out.loc[1, "caption_status"] == "failed" and "out-of-memory" in out.loc[1, "caption_error"]
-    others = [(s, t) for i, (s, t) in enumerate(zip(out["caption_status"], out["text"], strict=True)) if i != 1]
-    assert others == [e for i, e in enumerate(_expected(rows)) if i != 1]
-    assert 1 in ColourCaptioner.generate_calls  # the batch holding row 1 went again one row at a time
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    assert set(out["caption_error"][out["caption_status"] == "ok"]) == {""}
+
+
+def test_a_row_failing_transiently_max_row_attempts_times_is_published_as_failed(
+        s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips[:3])
+    cfg = _cfg(meta, max_row_attempts=2)
+    assert _run(cfg, faults=FaultPlan(oom_rows={1}))[0].transient == 1
+    assert not _exists(client, cfg.output)
+    second = _run(cfg, faults=FaultPlan(oom_rows={1}))[0]
+    assert (second.rows_processed, second.transient, second.failed) == (1, 0, 1)
+    out = _output(client, cfg.output)
+    assert out["caption_status"].tolist() == ["ok", "failed", "ok"]
+    assert out.loc[1, "caption_error"].startswith("gave up after 2 attempts: MemoryError")
+
+
+def test_consecutive_transient_failures_stop_the_rank_early(s3_server, s3_bucket, clips, s3_env):
+    client = s3_server.client()
+    good = [c for c in clips if c[1] is not None]
+    meta, rows = upload_partition(client, s3_bucket, "p", good)
+    cfg = _cfg(meta, max_consecutive_errors=2)
+    stats = _run(cfg, faults=FaultPlan(runtime_error=True))[0]
+    assert stats.rows_processed == 2 and stats.stopped_early.startswith("2 consecutive")
+    assert not _exists(client, cfg.output)
+    assert len(journal.load(cfg.parts_prefix, [r.path for r in rows])) == 2  # the rest were never attempted
 
 
 def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):
@@ -204,6 +234,19 @@ def test_missing_objects_and_escapes_fail_per_row(s3_server, s3_bucket, clips, s
     errors = out["caption_error"].tolist()
     assert "not found" in errors[1] and "'..'" in errors[2] and "outside the allowed roots" in errors[3]
     assert "not found" in errors[4]
+
+
+def test_missing_local_file_is_not_found(clips, tmp_path):
+    """A local path that is not there fails as "video not found", not as a decoder error, and is final."""
+    good = clips[0][0]
+    meta = tmp_path / "meta.csv"
+    meta.write_bytes(meta_csv([Row(str(good), clips[0][1]), Row(str(tmp_path / "gone.mp4"), None)]))
+    cfg = _cfg(str(meta))
+    stats = _run(cfg)[0]
+    assert (stats.captioned, stats.failed, stats.transient) == (1, 1, 0)
+    out = pd.read_csv(cfg.output, dtype=str, keep_default_na=False)
+    assert out["caption_status"].tolist() == ["ok", "failed"]
+    assert out.loc[1, "caption_error"] == f"video not found: {tmp_path / 'gone.mp4'}"
 
 
 def _exists(client, uri: str) -> bool:

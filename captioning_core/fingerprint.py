@@ -1,0 +1,121 @@
+"""The identity of what decides a caption, recorded on every journaled row and in the summary.
+
+Two captions of the same video may be reused for each other only if the same model kind, checkpoint,
+prompt, generation options, frame sampling and dtype made them. Batch size, device, world size and
+prefetching are left out on purpose: they change speed, not the caption a row is meant to get.
+
+The checkpoint is identified by content, not by path (a copied model directory keeps its identity):
+every file's name and size, a full SHA-256 of small files (configs, tokenizer) and, for large weight
+files, a SHA-256 of the safetensors header plus 16 evenly spaced 64 KiB samples. That reads ~1 MiB per
+weight file whatever its size, so computing it on a 15 GB checkpoint costs milliseconds, and a fine-tuned
+checkpoint with the same tensor shapes still changes it.
+
+``for_script_args`` lets the operator compute, from the argv it passes to the caption script and without
+importing MindSpore, mindnlp, torch or transformers, exactly the dict the ranks record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+SUMMARY_KEY = "fingerprint"
+ID_LENGTH = 12
+FULL_HASH_LIMIT = 4 * 1024 * 1024  # files up to this size are hashed whole
+SAMPLES = 16
+SAMPLE_BYTES = 64 * 1024
+# Model options that are not frame sampling: which part of the fingerprint they belong to.
+_GENERATION_OPTIONS = ("num_beams", "temperature", "seed")
+_PROMPT_OPTIONS = ("conv_mode",)
+_CHECKPOINT_OPTIONS = ("use_lora", "weight_dir", "lora_alpha")
+_IGNORED_FILES = (".", "README", "LICENSE")
+
+
+def _file_hash(path: Path, size: int) -> str:
+    """SHA-256 of the whole file if small; else of its safetensors header and evenly spaced samples."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        if size <= FULL_HASH_LIMIT:
+            digest.update(fh.read())
+            return digest.hexdigest()
+        if path.suffix == ".safetensors":
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(head + fh.read(min(header_len, FULL_HASH_LIMIT)))
+        for i in range(SAMPLES):
+            fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
+            digest.update(fh.read(SAMPLE_BYTES))
+    return "sampled:" + digest.hexdigest()
+
+
+def checkpoint_identity(model_dir: str | None) -> dict:
+    """Names, sizes and cheap hashes of every file of a model directory (recursively)."""
+    if not model_dir:
+        return {}
+    root = Path(model_dir)
+    if not root.is_dir():
+        return {"missing": True}
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(_IGNORED_FILES) for part in rel.split("/")):
+            continue
+        size = path.stat().st_size
+        files.append({"name": rel, "size": size, "sha256": _file_hash(path, size)})
+    return {"files": files}
+
+
+def compute(cfg) -> dict:
+    """The fingerprint of a RunConfig: ``{"id": short hex, "model", "checkpoint", "prompt", "generation",
+    "sampling", "dtype"}``. ``id`` is a hash of everything else."""
+    options = dict(cfg.model_options)
+    checkpoint_opts = {k: options.pop(k) for k in _CHECKPOINT_OPTIONS if k in options}
+    parts = {
+        "model": cfg.model,
+        "checkpoint": {**checkpoint_identity(cfg.pretrained_model_name_or_path), **(
+            {"options": checkpoint_opts, "weight_dir": checkpoint_identity(checkpoint_opts.get("weight_dir"))}
+            if checkpoint_opts else {})},
+        "prompt": {"question": cfg.question, **{k: options.pop(k) for k in _PROMPT_OPTIONS if k in options}},
+        "generation": {"max_new_tokens": cfg.max_new_tokens,
+                       **{k: options.pop(k) for k in _GENERATION_OPTIONS if k in options}},
+        "sampling": options,
+        "dtype": cfg.dtype,
+    }
+    parts = _normalised(json.loads(json.dumps(parts, sort_keys=True, default=list)))  # tuples -> lists
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return {"id": hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH], **parts}
+
+
+def _normalised(value):
+    """``--fps 4`` and ``--fps 4.0`` are the same setting: integral floats become ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
+def for_script_args(model: str, script_args: list[str]) -> dict:
+    """The fingerprint the ranks will record for ``caption_{model} *script_args`` (the caption script's argv
+    after the program name). Imports argparse-level code only: no MindSpore, mindnlp, torch or transformers."""
+    from captioning_core import cli
+
+    args = cli.build_parser(model).parse_args(list(script_args))
+    return compute(cli.config_from_args(model, args))
+
+
+def describe(fp: dict) -> str:
+    """One line for logs and errors: id, model, prompt and the main options."""
+    return (f"{fp.get('id')} ({fp.get('model')}, dtype {fp.get('dtype')}, question "
+            f"{json.dumps(fp.get('prompt', {}).get('question'))}, {json.dumps(fp.get('generation'))})")
+
+
+def brief(fp: dict) -> dict:
+    """The fingerprint with the checkpoint's file list reduced to a count and total size (gallery page)."""
+    ckpt = fp.get("checkpoint", {})
+    files = ckpt.get("files", [])
+    return {**fp, "checkpoint": {"files": len(files), "bytes": sum(f["size"] for f in files),
+                                 **{k: v for k, v in ckpt.items() if k != "files"}}}

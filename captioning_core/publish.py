@@ -1,0 +1,124 @@
+"""Publishing a partition: summary and gallery first, the output CSV last, as the commit marker.
+
+Readers (the DAG, ``--skip_if_existing``, users) treat the output's existence as "this partition is done", so
+it must be the last object written: a crash after the gallery and before the output leaves an unpublished
+partition that the next attempt completes, never an output without its summary. A partition publishes only
+when every row has a final result under the current fingerprint; a row still owed a retry after a transient
+error holds it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+from captioning_core import gallery, journal, metadata, storage
+from captioning_core.config import RunConfig
+from captioning_core.fingerprint import SUMMARY_KEY
+from captioning_core.metadata import STATUS_OK, Partition
+
+log = logging.getLogger(__name__)
+
+
+def final_results(cfg: RunConfig, partition: Partition, fp_id: str) -> tuple[dict, dict, list[int]]:
+    """(row -> journaled RowResult, row -> RowResult as published, rows still without a final result)."""
+    raw = journal.load(cfg.parts_prefix, partition.paths, fp_id)
+    pending = [r for r in range(len(partition)) if journal.needs_retry(raw.get(r), cfg.max_row_attempts)]
+    return raw, {r: journal.as_published(res) for r, res in raw.items()}, pending
+
+
+def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int, str] | None = None,
+            faults=None) -> bool:
+    """Publish the final output if every row has a final result; returns whether this call published.
+
+    With ``skip_if_existing`` the write is conditional (first publisher wins); without it the output is
+    replaced atomically (that is how a partition is recaptioned). Either way readers never see a partial object.
+    """
+    raw, results, pending = final_results(cfg, partition, fp["id"])
+    if pending:
+        retry = [r for r in pending if r in results]
+        log.info("not publishing: %d rows without a final result, %d of them to retry after transient errors "
+                 "(first: %s)", len(pending), len(retry), pending[:5])
+        return False
+    for row, text in (overrides or {}).items():
+        if results[row].status == STATUS_OK:
+            results[row] = replace(results[row], text=text)
+    body = metadata.serialise(metadata.merge_results(partition, results), cfg.output)
+    if cfg.skip_if_existing and storage.exists(cfg.output):
+        log.info("output already published by another rank or attempt: %s", cfg.output)
+        return False
+    summary = write_beside(cfg, fp, results)
+    if faults is not None:
+        faults.before_output()
+    if cfg.skip_if_existing:
+        published = storage.put_if_absent(cfg.output, body)
+    else:
+        storage.write_bytes(cfg.output, body)
+        published = True
+    if published:
+        journal.compact(cfg.parts_prefix, raw)
+        log.info("published %s (%s, fingerprint %s); gallery beside it", cfg.output, journal.counts(results),
+                 fp["id"])
+    else:
+        log.info("output already published by another rank or attempt: %s (summary %s)", cfg.output,
+                 summary.get("rows"))
+    return published
+
+
+def write_beside(cfg: RunConfig, fp: dict, results: dict) -> dict:
+    """Summary JSON and gallery for ``results``; written before the output, or rebuilt after it."""
+    ranks = _load_rank_stats(cfg)
+    summary = {"output": cfg.output, "meta_path": cfg.meta_path, "model": cfg.model,
+               **journal.counts(results), **_latest_attempt(ranks), SUMMARY_KEY: fp, "ranks": ranks}
+    storage.write_bytes(cfg.summary_uri, json.dumps(summary, indent=1).encode())
+    rows = [gallery.GalleryRow(r, res.path, res.status, res.text, res.error, res.tokens, res.thumb)
+            for r, res in sorted(results.items())]
+    gallery.write_gallery(cfg.output, rows, summary, cfg.max_new_tokens)
+    return summary
+
+
+def rebuild_beside(cfg: RunConfig, fp: dict) -> bool:
+    """After a skip: if summary or gallery is missing beside an existing output, rebuild them from the
+    journal, but only if the journal under this fingerprint reproduces the output byte for byte (otherwise
+    it is not the journal that made it). Returns whether anything was written."""
+    index = storage.join(gallery.gallery_prefix(cfg.output), "index.html")
+    if storage.exists(cfg.summary_uri) and storage.exists(index):
+        return False
+    partition = metadata.read_partition(cfg.meta_path)
+    _, results, pending = final_results(cfg, partition, fp["id"])
+    if pending:
+        log.warning("summary or gallery missing beside %s, and the journal under fingerprint %s does not cover "
+                    "every row (%d missing): not rebuilt", cfg.output, fp["id"], len(pending))
+        return False
+    body = metadata.serialise(metadata.merge_results(partition, results), cfg.output)
+    if body != storage.read_bytes(cfg.output):
+        log.warning("summary or gallery missing beside %s, but the output was not made from this journal under "
+                    "fingerprint %s: not rebuilt", cfg.output, fp["id"])
+        return False
+    write_beside(cfg, fp, results)
+    log.info("rebuilt summary and gallery beside %s from the journal", cfg.output)
+    return True
+
+
+def _latest_attempt(ranks: list[dict]) -> dict:
+    """Rows skipped, rate and model-busy fraction of the most recent attempt (newest stats per rank)."""
+    newest: dict[int, dict] = {}
+    for stat in ranks:
+        if stat["rank"] not in newest or stat.get("started_at", 0) > newest[stat["rank"]].get("started_at", 0):
+            newest[stat["rank"]] = stat
+    latest = list(newest.values())
+    wall = sum(s.get("wall_seconds", 0.0) for s in latest)
+    return {"skipped": sum(s.get("rows_skipped", 0) for s in latest),
+            "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in latest), 3),
+            "model_busy": round(sum(s.get("busy_seconds", 0.0) for s in latest) / wall, 3) if wall else None}
+
+
+def _load_rank_stats(cfg: RunConfig) -> list[dict]:
+    out = []
+    for uri in storage.list_prefix(storage.join(cfg.parts_prefix, "stats/")):
+        try:
+            out.append(json.loads(storage.read_bytes(uri)))
+        except Exception as err:  # stats are informative; never block a publish on them
+            log.warning("unreadable stats object %s: %s: %s", uri, type(err).__name__, err)
+    return out
