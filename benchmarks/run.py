@@ -9,7 +9,9 @@ printed as such, never hidden.
 1. partition throughput: the runner (prefetch + batching) vs a seed-style loop (bs 1, decode then generate)
 2. model-busy fraction of the runner (time inside generate / wall time after model load), also in a
    decode-heavy configuration where decoding a video costs about what one generate call does
-3. frame sampling on 60 s clips: our read_frames vs decord get_batch / skip_frames, PyAV seek / decode\n   forward, and vs decoding every frame (decord 0.6.0 is not here: it installs the same `decord`\n   module as decord2, so the two cannot be installed side by side)
+3. frame sampling on 60 s clips: our read_frames vs decord get_batch / skip_frames, PyAV seek / decode
+   forward, and vs decoding every frame (decord 0.6.0 is not here: it installs the same `decord`
+   module as decord2, so the two cannot be installed side by side)
    (8 below is a sampling item too)
 4. resume and publish of a 10,000-row partition journaled the way the runner writes it at --bs 1, on the
    SeaweedFS server, vs the one-object-per-row journal it replaced
