@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
-from captioning_core import gallery, journal, metadata, storage
+from captioning_core import gallery, journal, metadata, runtime, storage
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import RowResult
@@ -176,6 +176,7 @@ class RankRunner:
         try:
             batch: list[Prepared] = []
             while True:
+                runtime.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
                 waited = time.perf_counter()
                 prep = next(prepared, None)
                 stats.input_wait_seconds += time.perf_counter() - waited
