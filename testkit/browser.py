@@ -44,12 +44,13 @@ def screenshot(url: str, path: Path | str, size: tuple[int, int] = (1400, 900), 
     return path
 
 
-def visit(url: str, cookies: dict[str, str] | None = None, settle: float = 6.0, timeout: float = 120) -> dict:
+def visit(url: str, cookies: dict[str, str] | None = None, settle: float = 6.0, timeout: float = 120,
+          screenshot: Path | str | None = None, size: tuple[int, int] = (1400, 900)) -> dict:
     """Load ``url`` in headless Chromium through the DevTools protocol, with ``cookies`` set for its origin
     first (how a logged-in user's browser arrives). Returns the page's ``title`` and ``html`` as rendered,
     and every ``responses`` entry (url, status, headers) and ``failures`` entry (url, reason) seen while it
-    loaded and for ``settle`` seconds after. Chromium runs in a private profile, bound to 127.0.0.1, and is
-    stopped by PID."""
+    loaded and for ``settle`` seconds after; with ``screenshot``, a PNG of the page there. Chromium runs in a
+    private profile, bound to 127.0.0.1, and is stopped by PID."""
     import json
     import time
     from urllib.parse import urlsplit
@@ -71,13 +72,15 @@ def visit(url: str, cookies: dict[str, str] | None = None, settle: float = 6.0, 
             with urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as resp:
                 page = next(t for t in json.loads(resp.read()) if t["type"] == "page")
             with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
-                return _drive(ws, url, origin, cookies or {}, settle, timeout)
+                return _drive(ws, url, origin, cookies or {}, settle, timeout, screenshot, size)
         finally:
             proc.kill()
             proc.wait(timeout=30)
 
 
-def _drive(ws, url: str, origin: str, cookies: dict[str, str], settle: float, timeout: float) -> dict:
+def _drive(ws, url: str, origin: str, cookies: dict[str, str], settle: float, timeout: float,
+           screenshot: Path | str | None, size: tuple[int, int]) -> dict:
+    import base64
     import json
     import time
 
@@ -97,6 +100,7 @@ def _drive(ws, url: str, origin: str, cookies: dict[str, str], settle: float, ti
 
     call("Network.enable")
     call("Page.enable")
+    call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
     for name, value in cookies.items():
         call("Network.setCookie", name=name, value=value, url=origin, path="/")
     call("Page.navigate", url=url)
@@ -114,6 +118,9 @@ def _drive(ws, url: str, origin: str, cookies: dict[str, str], settle: float, ti
     title = call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"].get("value")
     html = call("Runtime.evaluate", expression="document.documentElement.outerHTML",
                 returnByValue=True)["result"].get("value")
+    if screenshot is not None:
+        Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+        Path(screenshot).write_bytes(base64.b64decode(call("Page.captureScreenshot", format="png")["data"]))
     responses = [{"url": e["params"]["response"]["url"], "status": e["params"]["response"]["status"],
                   "headers": {k.lower(): v for k, v in e["params"]["response"]["headers"].items()}}
                  for e in events if e.get("method") == "Network.responseReceived"]

@@ -143,6 +143,10 @@ def _assert_output(client, uri: str, rows) -> None:
     assert out["text"].tolist() == [r.expected_caption for r in rows]
 
 
+def _done_in_try1(logs: dict[str, dict[str, str]]) -> int:
+    return _done_in_try2({"try2": logs["try1"]})
+
+
 def _done_in_try2(logs: dict[str, dict[str, str]]) -> int:
     lines = [ln for text in logs["try2"].values() for ln in text.splitlines() if "already done" in ln]
     assert len(lines) == 2, lines
@@ -185,8 +189,12 @@ def _check_killed_try(env: AirflowEnv, sampler: _TreeSampler, proc, client, outp
     [(_, _, result)] = env.task_results("caption_drill", "caption")
     assert result["skipped"] == _done_in_try2(logs)  # try 2 captioned only what try 1 had not journaled
     assert (result["rows"], result["captioned"], result["failed"]) == (len(rows), len(rows), 0)
-    # the ranks' environment: no Airflow setting, Fernet key, DB URI or connection; S3 settings from the
-    # connection only
+    _assert_rank_envs(env, sampler)
+
+
+def _assert_rank_envs(env: AirflowEnv, sampler: _TreeSampler) -> None:
+    """The ranks' environment: no Airflow setting, Fernet key, DB URI or connection; S3 settings from the
+    connection only."""
     secret = env.s3_env["AWS_SECRET_ACCESS_KEY"]
     assert len(sampler.rank_envs) >= 4, "both tries' two ranks were sampled"
     for pid, rank_env in sampler.rank_envs.items():
@@ -195,17 +203,40 @@ def _check_killed_try(env: AirflowEnv, sampler: _TreeSampler, proc, client, outp
         assert [k for k, v in rank_env.items() if secret in v] == ["AWS_SECRET_ACCESS_KEY"], pid
 
 
-def test_execution_timeout_stops_the_ranks_gracefully_and_the_retry_resumes(s3_server, kill_partition, tmp_path):
-    meta, rows, output = kill_partition
-    # try 1 is slowed down after each journaled batch, so the timeout lands while msrun runs
-    env = _drill_env(s3_server, tmp_path / "airflow", CAPTION_FAULTS="slow@0:8/try1,slow@1:8/try1",
-                     CAPTION_EXECUTION_TIMEOUT="70", CAPTION_KILL_GRACE="45")
+def test_execution_timeout_stops_the_ranks_gracefully_and_the_next_attempt_resumes(s3_server, s3_bucket, tmp_path,
+                                                                                   tmp_path_factory):
+    """execution_timeout applies to every try, so the attempt after the timeout is a second run of the same
+    partition without one (what a retry with a longer timeout, or the next schedule, does)."""
+    directory = tmp_path_factory.mktemp("timeout-clips")
+    base = [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
+    clips = [(path, spec, kind) for _ in range(4) for path, spec, kind in base]  # 24 rows: too many for 45 s
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "timeout", clips)
+    output = meta.replace("meta.csv", "captions.csv")
+    first = _drill_env(s3_server, tmp_path / "airflow-1", CAPTION_EXECUTION_TIMEOUT="45", CAPTION_KILL_GRACE="30",
+                       CAPTION_RETRIES="0")
+    second = _drill_env(s3_server, tmp_path / "airflow-2")
     started = time.monotonic()
     with _TreeSampler() as sampler:
-        proc = env.dags_test("caption_drill", DATE, _conf(meta, output))
-    print(f"timeout drill: {time.monotonic() - started:.0f}s")
-    assert "AirflowTaskTimeout" in proc.stdout + proc.stderr
-    _check_killed_try(env, sampler, proc, s3_server.client(), output, rows)
+        proc1 = first.dags_test("caption_drill", DATE, _conf(meta, output))
+        took = time.monotonic() - started
+        proc2 = second.dags_test("caption_drill", DATE, _conf(meta, output))
+    print(f"timeout drill: attempt 1 stopped after {took:.0f}s, total {time.monotonic() - started:.0f}s")
+    text1 = proc1.stdout + proc1.stderr
+    assert proc1.returncode != 0 and "AirflowTaskTimeout" in text1 and "TimeoutExpired" not in text1
+    assert [(t, s) for _, t, s in first.task_tries("caption_drill", "caption")] == [(1, "failed")]
+    logs1 = _rank_logs(first.msrun_log_root)
+    assert list(logs1) == ["try1"]
+    for name, log in logs1["try1"].items():  # each rank stopped cleanly, between batches
+        assert "SIGTERM received" in log and GRACEFUL in log, (name, log[-3000:])
+    assert proc2.returncode == 0, proc2.stdout[-5000:] + proc2.stderr[-3000:]
+    _assert_all_gone(list(sampler.procs.values()))  # nothing of either attempt's tree is left
+    _assert_output(client, output, rows)
+    logs2 = _rank_logs(second.msrun_log_root)
+    [(_, _, result)] = second.task_results("caption_drill", "caption")
+    assert result["skipped"] == _done_in_try1(logs2)  # attempt 2 captioned only what attempt 1 had not journaled
+    assert (result["rows"], result["captioned"], result["failed"]) == (len(rows), len(rows), 0)
+    _assert_rank_envs(first, sampler)
 
 
 def test_sigterm_to_the_task_runner_stops_the_ranks_gracefully_and_the_retry_resumes(s3_server, kill_partition,
