@@ -17,9 +17,13 @@ DAG's run cannot reach this DAG's objects. Connections are also limited to ``$CA
 (default ``caption_s3``).
 
 What is served is data, never code on Airflow's origin: anyone who can write to the bucket could plant
-HTML. Every response carries ``Content-Security-Policy: sandbox`` (an opaque origin: no script runs, no
-cookie or API access even if one did) with a policy that allows only the gallery's own images and its inline
-style, and ``X-Content-Type-Options: nosniff``.
+HTML. Every response carries ``Content-Security-Policy: sandbox allow-same-origin`` plus ``default-src
+'none'; img-src 'self'; style-src 'unsafe-inline'`` and ``X-Content-Type-Options: nosniff``: no script runs
+(the sandbox has no ``allow-scripts``, and no script source is allowed), no form submits, no plugin loads, and
+only the gallery's own images and inline style load. ``allow-same-origin`` is there because without it the
+page gets an opaque origin and the browser withholds the user's ``SameSite=Lax`` session cookie from the
+page's own thumbnail requests (they then fail as 401s); with no script able to run, keeping the origin gives
+a planted page nothing to use it with.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from fastapi.responses import Response
 PREFIX = "/caption-gallery"
 LINK_KEY = "_link_CaptionOutputLink"  # CaptionOutputLink's XCom key (operators.ascend_caption)
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+    "Content-Security-Policy": "sandbox allow-same-origin; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
                                "base-uri 'none'; form-action 'none'; frame-ancestors 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

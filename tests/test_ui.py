@@ -109,7 +109,8 @@ def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_
     for user in ("viewer", "admin"):
         status, page, headers = af.request("GET", link, cookie=af.token(user))
         assert status == 200 and all(c in page.decode() for c in captions)
-        assert headers[CSP].startswith("sandbox;") and "img-src 'self'" in headers[CSP]
+        assert headers[CSP].startswith("sandbox allow-same-origin;") and "img-src 'self'" in headers[CSP]
+        assert "allow-scripts" not in headers[CSP] and "default-src 'none'" in headers[CSP]
         assert "script-src" not in headers[CSP] and headers["x-content-type-options"] == "nosniff"
     # the object is served only under the task instance that recorded it
     other = link.replace(f"/{quoted}/", "/" + urllib.parse.quote("manual__2000-01-01T00:00:00+00:00", safe="") + "/")
