@@ -12,9 +12,10 @@ Process layout (every way a task can die leaves no worker behind):
 Stopping (``kill()``: on_kill, execution_timeout, a lost lease) only sends signals and returns; it runs in
 the task runner's SIGTERM handler, in the main thread, while ``run()`` is blocked waiting on msrun, so it
 must neither wait on msrun's Popen nor sleep. It SIGSTOPs msrun (otherwise msrun SIGKILLs every other rank
-as soon as the first one exits non-zero), SIGTERMs every rank (each finishes or abandons its batch, journals
-what is done, and exits 143), and a watcher thread SIGKILLs msrun once the ranks are gone, or SIGKILLs the
-lot after ``kill_grace``. ``run()`` reaps msrun and raises ``MsrunError`` saying why it was stopped. A kill
+as soon as the first one exits non-zero), SIGTERMs every rank (each stops before its next batch, journals what is
+done, and exits 143), SIGTERMs them again halfway through ``kill_grace`` (a rank then abandons the batch in
+flight), and a watcher thread SIGKILLs msrun once the ranks are gone, or SIGKILLs the lot after
+``kill_grace``. ``run()`` reaps msrun and raises ``MsrunError`` saying why it was stopped. A kill
 that comes before the launch is remembered: ``run()`` then starts nothing, or stops msrun at once.
 
 The ranks' environment is an allow-list (``rank_environment``): system and library paths, locale, Python
@@ -343,7 +344,14 @@ class MsrunHook(BaseHook):
             except psutil.Error:
                 return False
 
+        again = time.monotonic() + self.kill_grace / 2
         while time.monotonic() < deadline and any(alive(p) for p in ranks):
+            if again is not None and time.monotonic() >= again:
+                again = None
+                for p in ranks:  # second SIGTERM: abandon the batch in flight
+                    if alive(p):
+                        with _quiet():
+                            p.send_signal(signal.SIGTERM)
             time.sleep(0.1)
         left = [p for p in ranks if alive(p)]
         if left:
