@@ -152,6 +152,7 @@ def run(cfg: RunConfig, info) -> int:
 
     if "RANK_ID" in os.environ:
         runtime.die_with_parent()
+    runtime.install_sigterm_handler()
     captioner_cls = captioner_class(cfg.model)
     try:
         read_partition(cfg.meta_path)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from captioning_core import fingerprint, gallery, journal, metadata, storage
+from captioning_core import fingerprint, gallery, journal, metadata, runtime, storage
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import STATUS_TRANSIENT, RowResult
@@ -259,6 +259,7 @@ class RankRunner:
         try:
             batch: list[Prepared] = []
             while not stats.stopped_early:
+                runtime.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
                 waited = time.perf_counter()
                 prep = next(prepared, None)
                 stats.input_wait_seconds += time.perf_counter() - waited

@@ -1,22 +1,60 @@
-"""Serves caption galleries and outputs from S3 inside the Airflow API server, at ``/caption-gallery/``.
+"""Serves caption galleries and outputs from S3 inside the Airflow API server, behind Airflow's own login.
 
-``GET /caption-gallery/{conn_id}/{bucket}/{key}`` streams an object through the named Airflow ``aws``
-connection, so the operator's extra links work with whatever S3 endpoint is in use, with no presigned URL to
-expire and relative links inside a gallery resolving naturally. Only gallery files, caption outputs and
-their summaries can be read, and only through connections listed in ``$CAPTION_GALLERY_CONN_IDS``
+``GET /caption-gallery/{dag_id}/{run_id}/{task_id}/{map_index}/{conn_id}/{bucket}/{key}`` streams one object
+through the named Airflow ``aws`` connection, so the operator's extra links work with whatever S3 endpoint is
+in use, with no presigned URL to expire and relative links inside a gallery resolving naturally.
+
+Who may read what. Airflow does not authenticate plugin apps, so this one does it itself, with the API
+server's own pieces: ``get_user`` (the UI's session cookie or an ``Authorization: Bearer`` token; none -> 401)
+and the configured auth manager's ``is_authorized_dag`` (GET on the DAG's task instances; refused -> 403).
+The DAG is not guessed from the bucket or key, and not fixed to one configured DAG: the URL names the task
+instance that produced the object, and the object must be one that task instance recorded. The record is
+the operator's own extra-link XCom (``_link_CaptionOutputLink``, written by Airflow when the task ends),
+which holds the output's connection, bucket and key; only that output, its summary and the files under its
+``.gallery/`` folder are served (else 404). So a user sees exactly the galleries of DAGs whose task
+instances they may read, the same rule as the task's own log and XCom in the UI, and a URL naming another
+DAG's run cannot reach this DAG's objects. Connections are also limited to ``$CAPTION_GALLERY_CONN_IDS``
 (default ``caption_s3``).
+
+What is served is data, never code on Airflow's origin: anyone who can write to the bucket could plant
+HTML. Every response carries ``Content-Security-Policy: sandbox allow-same-origin`` plus ``default-src
+'none'; img-src 'self'; style-src 'unsafe-inline'`` and ``X-Content-Type-Options: nosniff``: no script runs
+(the sandbox has no ``allow-scripts``, and no script source is allowed), no form submits, no plugin loads, and
+only the gallery's own images and inline style load. ``allow-same-origin`` is there because without it the
+page gets an opaque origin and the browser withholds the user's ``SameSite=Lax`` session cookie from the
+page's own thumbnail requests (they then fail as 401s); with no script able to run, keeping the origin gives
+a planted page nothing to use it with.
 """
 
 from __future__ import annotations
 
 import mimetypes
 import os
+from typing import Annotated
+from urllib.parse import unquote, urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
+PREFIX = "/caption-gallery"
+LINK_KEY = "_link_CaptionOutputLink"  # CaptionOutputLink's XCom key (operators.ascend_caption)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-same-origin; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "private, no-store",
+}
+
 app = FastAPI(title="Caption gallery", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.middleware("http")
+async def _security_headers(request: Request, call_next):
+    response = await call_next(request)  # errors (401/403/404) included
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 def allowed_key(key: str) -> bool:
@@ -27,6 +65,70 @@ def allowed_key(key: str) -> bool:
     if ".gallery/" in key:
         return name.endswith((".html", ".jpg"))
     return "_caption_" in name and name.endswith((".csv", ".csv.summary.json"))
+
+
+def belongs_to_output(key: str, output_key: str) -> bool:
+    """``key`` is the output itself, its summary, or a gallery file beside it."""
+    if ".." in key.split("/"):
+        return False
+    if key in (output_key, f"{output_key}.summary.json"):
+        return True
+    gallery = f"{output_key}.gallery/"
+    return key.startswith(gallery) and key.rsplit("/", 1)[-1].endswith((".html", ".jpg"))
+
+
+def parse_link(url: str) -> tuple[str, str, str] | None:
+    """(conn_id, bucket, key) of the output named by an extra-link URL, or None."""
+    path = urlsplit(url or "").path
+    if f"{PREFIX}/" not in path:
+        return None
+    parts = path.split(f"{PREFIX}/", 1)[1].split("/")
+    if len(parts) < 7:
+        return None
+    return unquote(parts[4]), unquote(parts[5]), unquote("/".join(parts[6:]))
+
+
+def _recorded_output(dag_id: str, run_id: str, task_id: str, map_index: int) -> tuple[str, str, str] | None:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.execute(select(XComModel.value).where(
+            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
+            XComModel.map_index == map_index, XComModel.key == LINK_KEY)).first()
+    if row is None:
+        return None
+    url = XComModel.deserialize_value(row)
+    return parse_link(url if isinstance(url, str) else "")
+
+
+async def current_user(request: Request):
+    """The API server's own ``get_user``: a Bearer token, else the UI's session cookie; none -> 401.
+
+    Imported here, not at module level: every Airflow component loads plugins, only the API server serves.
+    ``get_user`` resolves the auth manager through ``get_auth_manager()`` (the process-wide instance the
+    API server initialised), not through ``request.app.state``, so it works the same in this mounted
+    sub-app as in Airflow's own routes.
+    """
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
+
+    return await get_user(request, None, await bearer_scheme(request))
+
+
+UserDep = Annotated[object, Depends(current_user)]
+
+
+def _authorize(user, dag_id: str) -> None:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    allowed = get_auth_manager().is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.TASK_INSTANCE,
+        details=DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id)), user=user)
+    if not allowed:
+        raise HTTPException(status_code=403, detail="no read access to this DAG's task instances")
 
 
 def _client(conn_id: str):
@@ -41,23 +143,31 @@ def _client(conn_id: str):
                         config=Config(s3={"addressing_style": "path"} if extra.get("endpoint_url") else {}))
 
 
-@app.get("/{conn_id}/{bucket}/{key:path}")
-def serve(conn_id: str, bucket: str, key: str) -> Response:
+@app.get("/{dag_id}/{run_id}/{task_id}/{map_index}/{conn_id}/{bucket}/{key:path}")
+def serve(dag_id: str, run_id: str, task_id: str, map_index: int, conn_id: str, bucket: str, key: str,
+          user: UserDep) -> Response:
+    from captioning_core import storage
+
+    _authorize(user, dag_id)
     allowed = {c.strip() for c in os.environ.get("CAPTION_GALLERY_CONN_IDS", "caption_s3").split(",") if c.strip()}
-    if conn_id not in allowed or not allowed_key(key):
-        raise HTTPException(status_code=404, detail="not a caption gallery object")
+    recorded = _recorded_output(dag_id, run_id, task_id, map_index)
+    if (conn_id not in allowed or not allowed_key(key) or recorded is None
+            or recorded[:2] != (conn_id, bucket) or not belongs_to_output(key, recorded[2])):
+        raise HTTPException(status_code=404, detail="not a caption gallery object of this task instance")
     try:
         obj = _client(conn_id).get_object(Bucket=bucket, Key=key)
     except Exception as err:
-        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-        raise HTTPException(status_code=404 if code in ("NoSuchKey", "404", "NoSuchBucket") else 502,
-                            detail=code or "S3 error") from err
+        if storage.is_not_found(err):
+            raise HTTPException(status_code=404, detail="no such object") from err
+        raise HTTPException(status_code=502, detail=storage.error_code(err) or "S3 error") from err
     media = mimetypes.guess_type(key)[0] or ("application/json" if key.endswith(".json") else "text/csv")
     if key.endswith(".csv"):
         media = "text/csv; charset=utf-8"
+    elif key.endswith(".html"):
+        media = "text/html; charset=utf-8"
     return Response(content=obj["Body"].read(), media_type=media)
 
 
 class CaptionGalleryPlugin(AirflowPlugin):
     name = "caption_gallery"
-    fastapi_apps = [{"app": app, "url_prefix": "/caption-gallery", "name": "Caption gallery"}]
+    fastapi_apps = [{"app": app, "url_prefix": PREFIX, "name": "Caption gallery"}]

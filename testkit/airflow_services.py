@@ -1,8 +1,9 @@
 """Airflow's long-running components (api-server, scheduler, dag-processor) on 127.0.0.1, stopped by PID.
 
 Used by the UI test and ``demo --ui``. The metadata DB is PostgreSQL (LocalExecutor runs tasks in parallel,
-which SQLite can't serve), the executor is LocalExecutor, and the simple auth manager lets everyone in as
-admin, so only bind to loopback.
+which SQLite can't serve), the executor is LocalExecutor. With ``users`` (name -> role of the simple auth
+manager; an empty role has no access) the simple auth manager asks for a login, with generated passwords,
+and ``api()`` calls carry the first admin's token; without, everyone is admin. Only binds to loopback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class AirflowServices:
     components: tuple[str, ...] = COMPONENTS
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    users: dict[str, str] | None = None  # name -> simple auth manager role ("" = no role)
+    passwords: dict[str, str] = field(default_factory=dict)
+    _tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -57,7 +61,18 @@ class AirflowServices:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
         })
+        if self.users:
+            self.passwords = {name: secrets.token_urlsafe(12) for name in self.users}
+            pw_file = self.env.home / "simple_auth_manager_passwords.json"
+            pw_file.write_text(json.dumps(self.passwords))
+            pw_file.chmod(0o600)
+            self.env.extra.update({
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in self.users.items()),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pw_file),
+            })
 
     def start(self, timeout: float = 180) -> AirflowServices:
         self.configure()
@@ -75,7 +90,7 @@ class AirflowServices:
                 if proc.poll() is not None:
                     raise RuntimeError(f"airflow {name} exited: {self.tail(name)}")
             try:
-                self.api("GET", "/api/v2/version")
+                self.request("GET", "/api/v2/version", token=None)
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(1)
@@ -85,13 +100,41 @@ class AirflowServices:
         path = self.env.home / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
+    def token(self, user: str) -> str:
+        """A JWT for ``user`` from the simple auth manager's login endpoint (the UI's session token)."""
+        if user not in self._tokens:
+            body = {"username": user, "password": self.passwords[user]}
+            self._tokens[user] = self.request("POST", "/auth/token", body, token=None)[1]["access_token"]
+        return self._tokens[user]
+
+    def _admin(self) -> str | None:
+        if not self.users:
+            return None
+        return self.token(next(u for u, r in self.users.items() if r.lower() == "admin"))
+
+    def request(self, method: str, path: str, body: dict | None = None, *, token: str | None = None,
+                cookie: str | None = None, timeout: float = 30) -> tuple[int, object, dict[str, str]]:
+        """(status, body, headers) of one call, errors included; ``token`` as Bearer, ``cookie`` as the UI's."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return json.loads(raw) if raw and resp.headers.get_content_type() == "application/json" else raw
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if cookie:
+            headers["Cookie"] = f"_token={cookie}"
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw, hdrs = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as err:
+            status, raw, hdrs = err.code, err.read(), err.headers
+        value = json.loads(raw) if raw and hdrs.get_content_type() == "application/json" else raw
+        return status, value, {k.lower(): v for k, v in hdrs.items()}
+
+    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
+        status, value, _ = self.request(method, path, body, token=self._admin(), timeout=timeout)
+        if status >= 400:
+            raise urllib.error.HTTPError(f"{self.base_url}{path}", status, str(value)[:500], None, None)
+        return value
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

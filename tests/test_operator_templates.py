@@ -40,12 +40,96 @@ def test_templated_dicts_render_natively_when_mapped():
 
 
 def test_caption_argv_is_a_list_of_literal_values():
-    argv = caption_argv({"question": HOSTILE, "bs": 2, "skip_if_existing": True, "use_lora": False,
+    argv = caption_argv({"question": HOSTILE, "bs": 2, "use_lora": True, "use_lora2": False,
                          "allowed_root": ["s3://a/", "s3://b/"]})
-    assert argv == ["--question", HOSTILE, "--bs", "2", "--skip_if_existing", "--allowed_root", "s3://a/",
-                    "--allowed_root", "s3://b/"]
+    assert argv == [f"--question={HOSTILE}", "--bs=2", "--use_lora", "--allowed_root=s3://a/",
+                    "--allowed_root=s3://b/"]
     with pytest.raises(ValueError):
         caption_argv({"bs; rm -rf /": 1})
+
+
+def _rendered(**caption_options) -> AscendCaptionOperator:
+    op = AscendCaptionOperator(task_id="caption", meta_path="s3://b/-p/meta.csv", model_dir="/models/q",
+                               output_uri="s3://b/-p/out.csv", caption_options=caption_options)
+    return op
+
+
+@pytest.mark.parametrize("owned", ["output", "pretrained_model_name_or_path", "meta_path", "skip_if_existing",
+                                   "allow_pickled_weights"])
+def test_caption_options_may_not_override_what_the_operator_owns(owned):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match=f"caption_options may not set .*{owned}"):
+        _rendered(**{owned: "s3://elsewhere/x.csv", "bs": 2})._script_args()
+
+
+def test_leading_dashes_in_values_are_data_for_the_rank_parser():
+    """A prompt, a meta path or an output that starts with '-' reaches the rank's argparse as a value."""
+    from captioning_core.cli import build_parser
+
+    op = _rendered(question="--output=s3://evil/x.csv", bs=2)
+    op.meta_path = "-p.csv"
+    args = build_parser("qwen2vl").parse_args(op._script_args())
+    assert args.question == "--output=s3://evil/x.csv" and args.output == "s3://b/-p/out.csv"
+    assert args.meta_path == "-p.csv" and args.pretrained_model_name_or_path == "/models/q"
+    assert args.bs == 2 and args.skip_if_existing
+
+
+def test_rank_environment_is_an_allow_list():
+    from operators.msrun_hook import rank_environment
+
+    worker = {"PATH": "/usr/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C", "PYTHONPATH": "/p",
+              "LD_LIBRARY_PATH": "/l", "ASCEND_HOME_PATH": "/a", "HCCL_IF_IP": "10.0.0.1", "MS_ALLOC_CONF": "x",
+              "CAPTION_LOG_LEVEL": "DEBUG", "AIRFLOW_CTX_TRY_NUMBER": "2",
+              "AIRFLOW__CORE__FERNET_KEY": "fernet", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:p@h/db",
+              "AIRFLOW_CONN_CURATION_DB": "postgresql://u:p@h/db", "AWS_SECRET_ACCESS_KEY": "worker-own",
+              "PGPASSWORD": "pw", "SOME_TOKEN": "t", "CAPTION_FAULTS": "sigkill@0:1"}
+    env = rank_environment(worker, {"AWS_SECRET_ACCESS_KEY": "from-conn", "CAPTION_X": "1"})
+    assert env == {"PATH": "/usr/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C", "PYTHONPATH": "/p",
+                   "LD_LIBRARY_PATH": "/l", "ASCEND_HOME_PATH": "/a", "HCCL_IF_IP": "10.0.0.1",
+                   "MS_ALLOC_CONF": "x", "CAPTION_LOG_LEVEL": "DEBUG", "AIRFLOW_CTX_TRY_NUMBER": "2",
+                   "AWS_SECRET_ACCESS_KEY": "from-conn", "CAPTION_X": "1"}
+    assert rank_environment(worker, {}, allow_fault_injection=True)["CAPTION_FAULTS"] == "sigkill@0:1"
+
+
+def test_operator_env_refuses_airflow_settings_and_unrequested_faults():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for env in ({"AIRFLOW__CORE__FERNET_KEY": "x"}, {"CAPTION_FAULTS": "sigkill@0:1"}):
+        op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m", env=env,
+                                   aws_conn_id=None)
+        with pytest.raises(AirflowFailException, match="env may not set"):
+            op._rank_env(None)
+    op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m", aws_conn_id=None,
+                               env={"CAPTION_FAULTS": "slow@0:1"}, allow_fault_injection=True)
+    assert op._rank_env(None)["CAPTION_FAULTS"] == "slow@0:1"
+
+
+def test_pickled_weights_need_an_explicit_option(tmp_path):
+    from captioning_core.models.base import ModelDirError, check_model_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelDirError, match="only pickled \\*.bin weights, which can execute code"):
+        check_model_dir(str(tmp_path), allow_pickle=False)
+    check_model_dir(str(tmp_path), allow_pickle=True)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    check_model_dir(str(tmp_path), allow_pickle=False)
+
+
+def test_models_never_trust_remote_code_and_load_safetensors_only_by_default():
+    import re as _re
+
+    from testkit.airflow_env import REPO
+
+    for name in ("qwen2_vl.py", "pllava.py"):
+        source = (REPO / "captioning_core" / "models" / name).read_text()
+        calls = _re.findall(r"\.from_pretrained\(([^)]*)\)", source)
+        assert calls, name
+        assert "trust_remote_code=True" not in source
+    qwen = (REPO / "captioning_core" / "models" / "qwen2_vl.py").read_text()
+    assert "use_safetensors=not pickled_weights_allowed()" in qwen
 
 
 def test_msrun_argv_and_validation(tmp_path):
@@ -80,13 +164,17 @@ def test_gallery_view_only_serves_caption_objects():
         assert not allowed_key(key), key
 
 
-def test_extra_links_point_at_the_gallery_view():
+def test_extra_links_point_at_the_gallery_view_of_the_task_instance():
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
     from operators.ascend_caption import CaptionGalleryLink, CaptionOutputLink
 
     op = AscendCaptionOperator(task_id="caption", meta_path="s3://b/p/meta.csv", model_dir="/m",
                                aws_conn_id="caption_s3")
-    assert CaptionGalleryLink().get_link(op, ti_key=None) == ""  # nothing before the task ran
+    ti = TaskInstanceKey("video_curation", "caption", "manual__2026-11-21T00:00:00+00:00", 1, 3)
+    assert CaptionGalleryLink().get_link(op, ti_key=ti) == ""  # nothing before the task ran
     op.output_uri = "s3://b/p/meta_caption_qwen2vl.csv"
-    assert CaptionGalleryLink().get_link(op, ti_key=None).endswith(
-        "/caption-gallery/caption_s3/b/p/meta_caption_qwen2vl.csv.gallery/index.html")
-    assert CaptionOutputLink().get_link(op, ti_key=None).endswith("/caption-gallery/caption_s3/b/p/meta_caption_qwen2vl.csv")
+    prefix = "/caption-gallery/video_curation/manual__2026-11-21T00%3A00%3A00%2B00%3A00/caption/3/caption_s3/b/"
+    assert CaptionGalleryLink().get_link(op, ti_key=ti).endswith(
+        prefix + "p/meta_caption_qwen2vl.csv.gallery/index.html")
+    assert CaptionOutputLink().get_link(op, ti_key=ti).endswith(prefix + "p/meta_caption_qwen2vl.csv")

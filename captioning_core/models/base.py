@@ -63,10 +63,30 @@ class Captioner(ABC):
         return getattr(item, "thumb_frames", None)
 
 
-def check_model_dir(path: str, required: tuple[str, ...] = ("config.json",)) -> None:
-    """Fail early, naming what is missing, when a local model directory can't be loaded."""
+#: set to "1" (the operator's ``allow_pickled_weights=True``) to accept pickled ``*.bin`` weights
+PICKLED_WEIGHTS_ENV = "CAPTION_ALLOW_PICKLED_WEIGHTS"
+
+
+def pickled_weights_allowed() -> bool:
+    """Pickled (``*.bin``) checkpoints run arbitrary code when loaded; they are refused unless explicitly
+    allowed. ``from_pretrained`` gets ``use_safetensors=not pickled_weights_allowed()`` and never
+    ``trust_remote_code``."""
+    import os
+
+    return os.environ.get(PICKLED_WEIGHTS_ENV) == "1"
+
+
+def check_model_dir(path: str, required: tuple[str, ...] = ("config.json",), *,
+                    allow_pickle: bool | None = None) -> None:
+    """Fail early, naming what is missing, when a local model directory can't be loaded.
+
+    Weights must be safetensors; pickled ``*.bin`` weights count only with ``allow_pickle`` (default: the
+    ``CAPTION_ALLOW_PICKLED_WEIGHTS`` setting), because unpickling a file can execute code from it.
+    """
     import glob
     import os
+
+    allow_pickle = pickled_weights_allowed() if allow_pickle is None else allow_pickle
 
     if not os.path.isdir(path):
         raise ModelDirError(f"model directory not found: {path} (no model hub here: pass a local directory)")
@@ -78,8 +98,13 @@ def check_model_dir(path: str, required: tuple[str, ...] = ("config.json",)) -> 
         with open(index, encoding="utf-8") as fh:
             shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
         missing += [s for s in shards if not os.path.exists(os.path.join(path, s))]
-    elif not glob.glob(os.path.join(path, "*.safetensors")) and not glob.glob(os.path.join(path, "*.bin")):
-        missing.append("model weights (*.safetensors)")
+    elif not glob.glob(os.path.join(path, "*.safetensors")):
+        if not glob.glob(os.path.join(path, "*.bin")):
+            missing.append("model weights (*.safetensors)")
+        elif not allow_pickle:
+            missing.append("model weights (*.safetensors); the directory has only pickled *.bin weights, which "
+                           "can execute code when loaded: convert them to safetensors, or accept that risk "
+                           "explicitly with allow_pickled_weights=True")
     if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
     if missing:

@@ -295,7 +295,7 @@ class PllavaCaptioner(Captioner):
         opts = self.opts
         config = pllava_arch.PllavaConfig.from_model_dir(self.model_dir, num_frames=opts.num_frames,
                                                           pooling_shape=list(opts.pooling_shape))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         if self.image_processor is None:
             self.image_processor = load_image_processor(self.model_dir, config.vision_config.image_size)
         prompt = opts.template.prompt(self.cfg.question)

@@ -12,7 +12,7 @@ import numpy as np
 
 from captioning_core import runtime, video
 from captioning_core.config import RunConfig
-from captioning_core.models.base import Captioner, check_model_dir
+from captioning_core.models.base import Captioner, check_model_dir, pickled_weights_allowed
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Qwen2VLCaptioner(Captioner):
         runtime.import_mindnlp()
         from mindnlp.transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -197,7 +197,8 @@ class Qwen2VLCaptioner(Captioner):
             raise ValueError(f"chat template must place exactly one {VIDEO_TOKEN}; got {prompt!r}")
         self._prompt_head, _, self._prompt_tail = prompt.partition(VIDEO_TOKEN)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype))
+            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
+            use_safetensors=not pickled_weights_allowed())
         self.model.eval()
         log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
 

@@ -1,8 +1,14 @@
 """AscendCaptionOperator: caption one meta partition with msrun; thin, the work is in MsrunHook.
 
 Idempotent by construction: with ``skip_if_existing`` (default) a finished partition returns its counts
-without launching anything; a retry resumes from the row journal; an S3 lease keeps two attempts at the
-same partition from running at once.
+without launching anything; a retry resumes from the row journal; a fenced S3 lease keeps two attempts at
+the same partition from running at once (operators.lease), and an attempt that loses it stops msrun.
+
+Trust boundaries: the operator owns the rank's argv (``caption_options`` may not override the meta path,
+output, model dir or skip flag, and every value is passed as ``--key=value``, so a leading dash is data),
+the ranks' environment (an allow-list, operators.msrun_hook.rank_environment: no ``AIRFLOW__*`` setting,
+Fernet key or database URI reaches a rank; fault injection only with ``allow_fault_injection=True``), and
+what weights may be loaded (safetensors unless ``allow_pickled_weights=True``).
 """
 
 from __future__ import annotations
@@ -18,24 +24,27 @@ from typing import Any
 
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
-from operators.lease import S3Lease
-from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port, port_for
+from operators.lease import LeaseCancelled, S3Lease
+from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
 
 CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py"}
 CAPTIONS_ALIAS = "caption-outputs"
 DEFAULT_ENV = {"HCCL_CONNECT_TIMEOUT": "7200"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+#: caption script options the operator sets itself; caption_options may not override them
+OWNED_OPTIONS = frozenset({"meta_path", "output", "output_uri", "pretrained_model_name_or_path", "model_dir",
+                           "skip_if_existing", "allow_pickled_weights"})
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
+    from captioning_core.storage import split
+
+    return split(uri)
 
 
 def caption_argv(options: dict[str, Any]) -> list[str]:
-    """Seed-style CLI arguments from a dict: ``{"bs": 2, "skip_if_existing": True}`` -> ``--bs 2 --skip...``."""
+    """Seed-style CLI arguments from a dict, one ``--key=value`` item each (so a value starting with ``-`` is
+    data, never an option): ``{"bs": 2, "use_lora": True}`` -> ``["--bs=2", "--use_lora"]``."""
     argv: list[str] = []
     for key, value in options.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
@@ -44,22 +53,27 @@ def caption_argv(options: dict[str, Any]) -> list[str]:
             if value:
                 argv.append(f"--{key}")
         elif isinstance(value, list | tuple):
-            for item in value:
-                argv += [f"--{key}", str(item)]
+            argv += [f"--{key}={item}" for item in value]
         elif value is not None:
-            argv += [f"--{key}", str(value)]
+            argv.append(f"--{key}={value}")
     return argv
 
 
-def gallery_url(conn_id: str, uri: str, suffix: str = "") -> str:
-    """Path of an S3 object under the API server's ``/caption-gallery`` view (caption_gallery_plugin)."""
+def gallery_url(conn_id: str, uri: str, suffix: str = "", ti_key=None) -> str:
+    """Path of an S3 object under the API server's ``/caption-gallery`` view (caption_gallery_plugin).
+
+    The path names the task instance that produced the object (dag, run, task, map index): the view lets
+    in only users who may read that DAG's task instances, and only for objects that task recorded.
+    """
     from urllib.parse import quote, urlsplit
 
     from airflow.configuration import conf
 
     bucket, key = split_s3(uri)
     root = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
-    return f"{root}/caption-gallery/{quote(conn_id)}/{quote(bucket)}/{quote(key + suffix)}"
+    ti = [ti_key.dag_id, ti_key.run_id, ti_key.task_id, str(ti_key.map_index)] if ti_key is not None else []
+    parts = [*ti, conn_id, bucket]
+    return f"{root}/caption-gallery/" + "/".join(quote(p, safe="") for p in parts) + "/" + quote(key + suffix)
 
 
 class _OutputObjectLink(BaseOperatorLink):
@@ -69,9 +83,9 @@ class _OutputObjectLink(BaseOperatorLink):
 
     def get_link(self, operator: BaseOperator, *, ti_key) -> str:
         uri = getattr(operator, "output_uri", None)
-        if not uri or not str(uri).startswith("s3://"):
+        if not uri or not str(uri).startswith("s3://") or ti_key is None:
             return ""
-        return gallery_url(operator.aws_conn_id or "caption_s3", uri, self.suffix)
+        return gallery_url(operator.aws_conn_id or "caption_s3", uri, self.suffix, ti_key)
 
 
 class CaptionGalleryLink(_OutputObjectLink):
@@ -95,19 +109,27 @@ class AscendCaptionOperator(BaseOperator):
     :param model_dir: local checkpoint directory on the worker host (templated)
     :param output_uri: output CSV URI; default ``{stem}_caption_{model}{ext}`` beside the input (templated)
     :param caption_options: the caption script's arguments by their seed names, e.g.
-        ``{"question": ..., "max_new_tokens": 200, "bs": 1, "fps": 4, "device_target": "Ascend"}`` (templated)
+        ``{"question": ..., "max_new_tokens": 200, "bs": 1, "fps": 4, "device_target": "Ascend"}`` (templated).
+        Options the operator owns (``OWNED_OPTIONS``: meta path, output, model dir, skip flag) are refused.
     :param skip_if_existing: return at once, launching nothing, if the output exists (default True)
     :param worker_num: msrun ``--worker_num``, all ranks over all nodes (templated)
     :param local_worker_num: msrun ``--local_worker_num``, ranks on this host (templated)
     :param msrun_options: ``master_addr``, ``master_port`` (default: derived from the task identity, then
-        the next free port), ``node_rank``, ``cluster_time_out``, ``join`` (templated)
+        the next free port), ``node_rank``, ``cluster_time_out``, ``join`` (templated). On a multi-node job
+        only node 0 takes the partition lease.
     :param log_dir: msrun ``--log_dir`` (templated; default under ``$CAPTION_MSRUN_LOG_ROOT`` per try)
     :param aws_conn_id: Airflow ``aws`` connection whose key, secret and ``endpoint_url`` the ranks get
         through their environment
-    :param env: extra environment for the ranks (templated); ``HCCL_CONNECT_TIMEOUT=7200`` by default
-    :param lease_ttl: seconds a partition lease lives without renewal
+    :param env: extra environment for the ranks (templated); ``HCCL_CONNECT_TIMEOUT=7200`` by default. No
+        ``AIRFLOW*`` names; the rest of the ranks' environment is an allow-list of the worker's.
+    :param lease_ttl: seconds a partition lease lives without renewal (renewed every quarter of it)
     :param lease_wait: seconds to wait for another attempt's lease before failing
-    :param kill_grace: seconds between SIGTERM and SIGKILL when the task is killed
+    :param kill_grace: seconds the ranks get to stop after SIGTERM before SIGKILL. Keep it under 5 s: when
+        the task is stopped from outside, Airflow's supervisor SIGKILLs the task's process group 5 s after
+        its SIGTERM (msrun and the ranks then die with it; finished rows are journaled either way).
+    :param allow_fault_injection: pass ``CAPTION_FAULTS`` to the ranks (reliability drills only)
+    :param allow_pickled_weights: accept pickled ``*.bin`` checkpoints. Unpickling runs code stored in the
+        file: whoever can write the model directory can then run code on the NPU host. Default: safetensors only.
     """
 
     template_fields: Sequence[str] = ("meta_path", "model", "model_dir", "output_uri", "caption_options",
@@ -120,8 +142,9 @@ class AscendCaptionOperator(BaseOperator):
                  caption_options: dict[str, Any] | None = None, skip_if_existing: bool = True,
                  worker_num: int = 2, local_worker_num: int = 2, msrun_options: dict[str, Any] | None = None,
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
-                 env: dict[str, str] | None = None, lease_ttl: float = 300.0, lease_wait: float = 600.0,
-                 kill_grace: float = 10.0, **kwargs) -> None:
+                 env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
+                 kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
+                 **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
         super().__init__(**kwargs)
         self.meta_path = meta_path
@@ -140,21 +163,34 @@ class AscendCaptionOperator(BaseOperator):
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
         self.kill_grace = kill_grace
+        self.allow_fault_injection = allow_fault_injection
+        self.allow_pickled_weights = allow_pickled_weights
         self._hook: MsrunHook | None = None
+        self._killed = None  # threading.Event, made in execute (operators are deep-copied before it)
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _s3(self):
+    def _s3_hook(self):
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        return S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
+        return S3Hook(aws_conn_id=self.aws_conn_id)
 
-    def _rank_env(self) -> dict[str, str]:
-        """S3 settings for the ranks, from the Airflow connection (masked in logs), never on argv."""
-        env = {**DEFAULT_ENV, **{k: str(v) for k, v in self.env.items()}}
+    def _rank_env(self, hook) -> dict[str, str]:
+        """What the operator passes to the ranks on top of the allow-listed worker environment: the DAG's
+        ``env``, the S3 settings of the Airflow connection (masked in logs; never on argv)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        env = {**DEFAULT_ENV, **{str(k): str(v) for k, v in self.env.items()}}
+        refused = sorted(k for k in env if k.upper().startswith("AIRFLOW"))
+        if FAULTS_ENV in env and not self.allow_fault_injection:
+            refused.append(FAULTS_ENV)
+        if refused:
+            raise AirflowFailException(f"env may not set {', '.join(refused)} (Airflow settings never reach the "
+                                       f"ranks; fault injection needs allow_fault_injection=True)")
+        if self.allow_pickled_weights:
+            from captioning_core.models.base import PICKLED_WEIGHTS_ENV
+
+            env[PICKLED_WEIGHTS_ENV] = "1"
         if self.aws_conn_id:
-            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-            hook = S3Hook(aws_conn_id=self.aws_conn_id)
             creds = hook.get_credentials()
             env["AWS_ACCESS_KEY_ID"] = creds.access_key
             env["AWS_SECRET_ACCESS_KEY"] = creds.secret_key
@@ -163,29 +199,21 @@ class AscendCaptionOperator(BaseOperator):
             if hook.conn_config.endpoint_url:
                 env["AWS_ENDPOINT_URL"] = hook.conn_config.endpoint_url
             env["AWS_DEFAULT_REGION"] = hook.conn_config.region_name or "us-east-1"
+        else:  # no connection: the default AWS credential chain of the worker
+            env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
         return env
 
-    def _exists(self, client, uri: str) -> bool:
+    def _exists(self, hook, uri: str) -> bool:
         bucket, key = split_s3(uri)
-        try:
-            client.head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as err:
-            if str(getattr(err, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        return hook.check_for_key(key, bucket_name=bucket)
 
-    def _read_json(self, client, uri: str) -> dict:
-        bucket, key = split_s3(uri)
-        return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-    def _check_meta(self, client) -> None:
+    def _check_meta(self, hook) -> None:
         """A partition without a ``path`` column fails here, before msrun starts."""
         from airflow.sdk.exceptions import AirflowFailException
 
         bucket, key = split_s3(self.meta_path)
         try:
-            head = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-65535")["Body"].read()
+            head = hook.get_key(key, bucket_name=bucket).get(Range="bytes=0-65535")["Body"].read()
         except Exception as err:
             raise AirflowFailException(f"cannot read meta partition {self.meta_path}: {err}") from err
         import csv
@@ -203,7 +231,8 @@ class AscendCaptionOperator(BaseOperator):
         from captioning_core.models.base import ModelDirError, check_model_dir
 
         try:
-            check_model_dir(self.model_dir, captioner_class(self.model).required_files)
+            check_model_dir(self.model_dir, captioner_class(self.model).required_files,
+                            allow_pickle=self.allow_pickled_weights)
         except ModelDirError as err:
             raise AirflowFailException(str(err)) from err
 
@@ -229,10 +258,19 @@ class AscendCaptionOperator(BaseOperator):
     def _script_args(self) -> list[str]:
         from airflow.sdk.exceptions import AirflowFailException
 
-        args = [self.meta_path, "--pretrained_model_name_or_path", self.model_dir, "--output", self.output_uri,
-                *caption_argv({k: v for k, v in self.caption_options.items() if k != "skip_if_existing"})]
+        owned = sorted(OWNED_OPTIONS.intersection(self.caption_options))
+        if owned:
+            raise AirflowFailException(
+                f"caption_options may not set {', '.join(owned)}: the operator owns them (use the operator's "
+                f"meta_path, output_uri, model_dir, skip_if_existing and allow_pickled_weights arguments)")
+        try:
+            options = caption_argv(self.caption_options)
+        except ValueError as err:
+            raise AirflowFailException(f"invalid caption options: {err}") from err
+        args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options]
         if self.skip_if_existing:
             args.append("--skip_if_existing")
+        args += ["--", self.meta_path]  # positional after `--`: a meta path is never read as an option
         from captioning_core.cli import build_parser  # argparse only: no model code is imported
 
         try:
@@ -241,13 +279,20 @@ class AscendCaptionOperator(BaseOperator):
             raise AirflowFailException(f"invalid caption options {self.caption_options}") from err
         return args
 
+    def _node_rank(self) -> int:
+        return int(self.msrun_options.get("node_rank", -1) if isinstance(self.msrun_options, dict) else -1)
+
     # -- execute ----------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
+        import threading
+
         from airflow.sdk import Asset
         from airflow.sdk.exceptions import AirflowFailException
 
         from captioning_core.config import default_output
 
+        if self._killed is None:
+            self._killed = threading.Event()
         if self.model not in CAPTION_SCRIPTS:
             raise AirflowFailException(f"model must be one of {sorted(CAPTION_SCRIPTS)}, got {self.model!r}")
         for name in ("caption_options", "msrun_options", "env"):
@@ -255,54 +300,88 @@ class AscendCaptionOperator(BaseOperator):
                 raise AirflowFailException(f"{name} must render to a dict (use render_template_as_native_obj "
                                            f"for a templated dict), got {getattr(self, name)!r:.200}")
         self.output_uri = self.output_uri or default_output(self.meta_path, self.model)
-        client = self._s3()
+        hook = self._s3_hook()
         summary_uri = f"{self.output_uri}.summary.json"
         started = time.time()
         launched = False
-        if not (self.skip_if_existing and self._exists(client, self.output_uri)):
-            self._check_meta(client)
+        if not (self.skip_if_existing and self._exists(hook, self.output_uri)):
+            self._check_meta(hook)
             self._check_model_dir()
             script_args = self._script_args()
-            bucket, key = split_s3(self.output_uri)
+            rank_env = self._rank_env(hook)
             ti = context["ti"]
-            lease = S3Lease(client, bucket, f"{key}.lease", holder=f"{ti.dag_id}/{ti.run_id}/{ti.task_id}"
-                            f"/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl)
-            lease.acquire(wait=self.lease_wait)
+            lease = None
+            if self._node_rank() <= 0:  # one lease per job: node 0's operator holds it for every node
+                bucket, key = split_s3(self.output_uri)
+                lease = S3Lease(hook.get_conn(), bucket, f"{key}.lease", holder=f"{ti.dag_id}/{ti.run_id}/"
+                                f"{ti.task_id}/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl,
+                                on_lost=self._lease_lost)
+                try:
+                    lease.acquire(wait=self.lease_wait, cancel=self._killed)
+                except LeaseCancelled as err:
+                    raise AirflowFailException(str(err)) from err
             try:
-                if self.skip_if_existing and self._exists(client, self.output_uri):
+                if self.skip_if_existing and self._exists(hook, self.output_uri):
                     self.log.info("another attempt finished %s while we waited", self.output_uri)
+                elif self._killed.is_set():
+                    raise RuntimeError("the task was killed before msrun started; nothing launched")
                 else:
-                    self._hook = MsrunHook(self._spec(context, script_args), self._rank_env(),
-                                           kill_grace=self.kill_grace)
+                    self._hook = MsrunHook(self._spec(context, script_args), rank_env, kill_grace=self.kill_grace,
+                                           allow_fault_injection=self.allow_fault_injection)
+                    if self._killed.is_set():  # on_kill ran while the hook was being made
+                        self._hook.kill()
                     launched = True
-                    self._hook.run()
+                    self._run_hook(lease)
             finally:
-                lease.release()
+                if lease is not None:
+                    lease.release()
         else:
             self.log.info("output exists, nothing to launch: %s", self.output_uri)
-        result = self._result(client, summary_uri, started, launched)
+        result = self._result(hook, summary_uri, started, launched)
         context["outlet_events"][AssetAlias(CAPTIONS_ALIAS)].add(Asset(self.output_uri), extra=result)
         return result
 
-    def _summary(self, client, summary_uri: str) -> dict:
-        """The summary the ranks wrote; for an output made elsewhere (no summary), counts from the CSV."""
+    def _run_hook(self, lease: S3Lease | None) -> None:
+        hook = self._hook
+        assert hook is not None
+        if lease is None:
+            hook.run()
+            return
+        recorder = threading_timer(2.0, lambda: hook.proc is not None and lease.record_child(hook.proc.pid))
         try:
-            return self._read_json(client, summary_uri)
+            hook.run()
+        finally:
+            recorder.cancel()
+        if lease.lost:  # msrun may have ended by itself just as the lease went: the attempt still fails
+            raise RuntimeError(lease.lost)
+
+    def _lease_lost(self, why: str) -> None:
+        if self._hook is not None:
+            self._hook.kill(reason=why)
+        elif self._killed is not None:
+            self._killed.set()
+
+    def _summary(self, hook, summary_uri: str) -> dict:
+        """The summary the ranks wrote; for an output made elsewhere (no summary), counts from the CSV."""
+        from captioning_core.storage import is_not_found
+
+        bucket, key = split_s3(summary_uri)
+        try:
+            return json.loads(hook.read_key(key, bucket_name=bucket))
         except Exception as err:
-            if str(getattr(err, "response", {}).get("Error", {}).get("Code")) not in ("NoSuchKey", "404"):
+            if not is_not_found(err):
                 raise
         import csv
         import io
 
         bucket, key = split_s3(self.output_uri)
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
-        rows = list(csv.DictReader(io.StringIO(body)))
+        rows = list(csv.DictReader(io.StringIO(hook.read_key(key, bucket_name=bucket))))
         ok = [r for r in rows if r.get("caption_status", "ok" if r.get("text") else "failed") == "ok"]
         return {"rows": len(rows), "captioned": len(ok), "failed": len(rows) - len(ok),
                 "empty": sum(1 for r in ok if not (r.get("text") or "").strip())}
 
-    def _result(self, client, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
-        summary = self._summary(client, summary_uri)
+    def _result(self, hook, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
+        summary = self._summary(hook, summary_uri)
         this_try = [s for s in summary.get("ranks", []) if launched and s.get("started_at", 0) >= started]
         skipped = sum(s.get("rows_skipped", 0) for s in this_try) if launched else summary["rows"]
         wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
@@ -317,5 +396,19 @@ class AscendCaptionOperator(BaseOperator):
                 "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3)}
 
     def on_kill(self) -> None:
+        """Called by the task runner from its SIGTERM handler (and after execution_timeout): only signals."""
+        if self._killed is not None:
+            self._killed.set()
         if self._hook is not None:
-            self._hook.kill()
+            self._hook.kill(reason="the task was killed (on_kill: SIGTERM to the ranks, SIGKILL after "
+                                   f"{self.kill_grace:g}s)")
+
+
+def threading_timer(delay: float, fn):
+    """A started daemon ``threading.Timer``."""
+    import threading
+
+    timer = threading.Timer(delay, fn)
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -1,12 +1,26 @@
-"""MsrunHook: builds the msrun argv, owns the process tree, streams rank logs, and kills everything it started.
+"""MsrunHook: builds the msrun argv, owns the process tree, streams rank logs, and stops everything it started.
 
 Process layout (every way a task can die leaves no worker behind):
-- msrun stays in the task's process group, so the task supervisor's group SIGTERM/SIGKILL reaches it;
+- msrun stays in the task's process group, so the task supervisor's group SIGKILL reaches it;
+- msrun starts with SIGTERM ignored (an ignored disposition survives exec): msrun has no SIGTERM handler and
+  would die at once, and its death SIGKILLs every rank (next point) before they can stop cleanly. So the
+  supervisor's group SIGTERM leaves it alone, and the hook stops it once the ranks are done;
 - msrun gets ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies if the task process dies (even by SIGKILL);
 - msrun starts each worker in a process group of its own; every rank sets ``PR_SET_PDEATHSIG`` itself
-  (``captioning_core.runtime.die_with_parent``), so workers die with msrun;
-- ``kill()`` (used by ``on_kill`` and timeouts) signals msrun and every descendant by PID: SIGTERM, a
-  grace period, then SIGKILL.
+  (``captioning_core.runtime.die_with_parent``), so workers die with msrun.
+
+Stopping (``kill()``: on_kill, execution_timeout, a lost lease) only sends signals and returns; it runs in
+the task runner's SIGTERM handler, in the main thread, while ``run()`` is blocked waiting on msrun, so it
+must neither wait on msrun's Popen nor sleep. It SIGSTOPs msrun (otherwise msrun SIGKILLs every other rank
+as soon as the first one exits non-zero), SIGTERMs every rank (each stops before its next batch, journals what is
+done, and exits 143), SIGTERMs them again halfway through ``kill_grace`` (a rank then abandons the batch in
+flight), and a watcher thread SIGKILLs msrun once the ranks are gone, or SIGKILLs the lot after
+``kill_grace``. ``run()`` reaps msrun and raises ``MsrunError`` saying why it was stopped. A kill
+that comes before the launch is remembered: ``run()`` then starts nothing, or stops msrun at once.
+
+The ranks' environment is an allow-list (``rank_environment``): system and library paths, locale, Python
+paths, the MindSpore/HCCL/Ascend variables, the stage's own ``CAPTION_*`` settings and what the caller
+passes; never the worker's Airflow configuration (``AIRFLOW__*``: Fernet key, database URI, secrets).
 """
 
 from __future__ import annotations
@@ -87,15 +101,44 @@ def pick_free_port(preferred: int, host: str = "127.0.0.1", tries: int = 50) -> 
     raise RuntimeError(f"no free port in {preferred}..{preferred + tries}")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+#: environment variables a rank may inherit from the worker, by exact name ...
+RANK_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "TMP", "TEMP", "TZ", "LANG", "LANGUAGE", "HOSTNAME",
+    "LD_LIBRARY_PATH", "LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "PYTHONHASHSEED", "PYTHONIOENCODING", "VIRTUAL_ENV", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "TOOLCHAIN_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+})
+#: ... and by prefix: locale, MindSpore, HCCL/Ascend/CANN, glog, the stage's own settings, Airflow's task
+#: context (AIRFLOW_CTX_*: dag/task/run ids and try number, no secret; the fault drills key on the try)
+RANK_ENV_PREFIXES = ("LC_", "MS_", "MINDSPORE_", "HCCL_", "ASCEND_", "ACL_", "CANN_", "GLOG_", "RANK_",
+                     "DEVICE_", "CAPTION_", "AIRFLOW_CTX_")
+FAULTS_ENV = "CAPTION_FAULTS"
+
+
+def rank_environment(base: dict[str, str], extra: dict[str, str], *, allow_fault_injection: bool = False
+                     ) -> dict[str, str]:
+    """What the ranks may see: the allow-listed part of ``base`` (the worker's environment) plus ``extra``
+    (what the operator passes: S3 settings from its connection, the DAG's ``env``). ``CAPTION_FAULTS`` only
+    when fault injection is explicitly allowed (drills)."""
+    env = {k: v for k, v in base.items() if k in RANK_ENV_NAMES or k.startswith(RANK_ENV_PREFIXES)}
+    env.update(extra)
+    if not allow_fault_injection:
+        env.pop(FAULTS_ENV, None)
+    return env
+
+
+def _prepare_child() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring; ranks install their own handler
 
 
 class MsrunHook(BaseHook):
-    """Runs one msrun job; ``run`` blocks until it ends and raises MsrunError on failure."""
+    """Runs one msrun job; ``run`` blocks until it ends and raises MsrunError on failure or when stopped."""
 
     def __init__(self, spec: MsrunSpec, env: dict[str, str] | None = None, *, python: str | None = None,
-                 kill_grace: float = 10.0, tail_lines: int = 40,
+                 kill_grace: float = 4.0, tail_lines: int = 40, allow_fault_injection: bool = False,
                  line_sink: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.spec = spec
@@ -103,12 +146,15 @@ class MsrunHook(BaseHook):
         self.python = python or sys.executable
         self.kill_grace = kill_grace
         self.tail_lines = tail_lines
+        self.allow_fault_injection = allow_fault_injection
         self.line_sink = line_sink
         self.proc: subprocess.Popen | None = None
         self._tails: dict[str, collections.deque] = {}
         self._offsets: dict[int, int] = {}
-        self._killed = False
         self._stop = threading.Event()
+        self.stop_reason: str | None = None  # set by kill(); run() raises with it
+        self._stopping = False
+        self._tree: dict[int, object] = {}  # pid -> psutil.Process of everything msrun started
 
     def build_argv(self) -> list[str]:
         s = self.spec
@@ -124,7 +170,7 @@ class MsrunHook(BaseHook):
         return [*argv, s.script, *s.script_args]
 
     def build_env(self) -> dict[str, str]:
-        env = {**os.environ, **self.env}
+        env = rank_environment(dict(os.environ), self.env, allow_fault_injection=self.allow_fault_injection)
         # msrun launches workers as plain `python`: make that this interpreter.
         env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -133,6 +179,8 @@ class MsrunHook(BaseHook):
     # -- running ----------------------------------------------------------------------------------------
     def run(self) -> int:
         argv = self.build_argv()
+        if self.stop_reason:
+            raise MsrunError(f"msrun was not started: {self.stop_reason}")
         Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
         # A reused log_dir keeps older runs' lines (msrun appends): tail only what this run writes.
         self._offsets = {rank: self._rank_log(rank).stat().st_size if self._rank_log(rank).exists() else 0
@@ -140,24 +188,53 @@ class MsrunHook(BaseHook):
         self.log.info("msrun argv: %s", argv)
         self.proc = subprocess.Popen(argv, env=self.build_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent, text=True, errors="replace")
+                                     preexec_fn=_prepare_child, text=True, errors="replace")
+        if self.stop_reason:  # killed while Popen ran: kill() saw no process yet
+            self._begin_stop()
         readers = [threading.Thread(target=self._pump_stdout, daemon=True, name="msrun-stdout")]
         readers += [threading.Thread(target=self._tail_rank, args=(rank,), daemon=True, name=f"rank{rank}-log")
                     for rank in range(self.spec.local_worker_num)]
         for t in readers:
             t.start()
         try:
-            code = self.proc.wait()
+            code = self._wait()
+        except BaseException as err:  # execution_timeout (AirflowTaskTimeout) or another interruption
+            if not self.stop_reason:
+                self.stop_reason = f"the task was interrupted ({type(err).__name__})"
+            self._begin_stop()
+            self._reap()
+            raise
         finally:
             time.sleep(0.3)  # let the tailers read the last lines
             self._stop.set()
             for t in readers:
                 t.join(timeout=5)
-            self._stop_tree()  # a worker msrun failed to reap must not outlive the task
-        if code != 0 or self._killed:
-            why = "was killed" if self._killed else f"exited with code {code}"
-            raise MsrunError(f"msrun {why}\n{self.failure_report()}")
+            self._kill_leftovers()  # nothing msrun started may outlive the task
+        if self.stop_reason:
+            raise MsrunError(f"msrun was stopped: {self.stop_reason}\n{self.failure_report()}")
+        if code != 0:
+            raise MsrunError(f"msrun exited with code {code}\n{self.failure_report()}")
         return code
+
+    def _wait(self) -> int:
+        """Wait for msrun, noting every process it starts (so none can be left behind)."""
+        assert self.proc is not None
+        while True:
+            self._note_tree()
+            try:
+                return self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _reap(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.kill_grace + 10
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.proc.poll() is None:
+            with _quiet():
+                self.proc.kill()
+            self.proc.wait()
 
     def _emit(self, source: str, line: str) -> None:
         line = line.rstrip("\n")
@@ -204,7 +281,7 @@ class MsrunHook(BaseHook):
             parts.append(f"--- last {len(lines)} lines of {source} ---\n" + "\n".join(lines))
         return "\n".join(parts)
 
-    # -- killing ----------------------------------------------------------------------------------------
+    # -- stopping ---------------------------------------------------------------------------------------
     def descendants(self) -> list[int]:
         import psutil
 
@@ -215,46 +292,97 @@ class MsrunHook(BaseHook):
         except psutil.NoSuchProcess:
             return []
 
-    def kill(self) -> None:
-        """Stop the job from outside (``on_kill``, timeouts): ``run()`` then raises even if msrun exits 0."""
-        self._killed = True
-        self._stop_tree()
-
-    def _stop_tree(self) -> None:
-        """SIGTERM msrun and every descendant, wait ``kill_grace``, then SIGKILL what is left.
-
-        msrun itself is waited for through its Popen only: reaping it any other way (psutil's wait) would
-        leave ``run()``'s own wait with no exit status, which Python reports as 0, i.e. success.
-        """
-        if self.proc is None:
-            return
+    def _note_tree(self) -> list:
+        """psutil handles of msrun's live descendants, remembered in ``_tree`` (they keep their start time,
+        so a reused PID is never signalled)."""
         import psutil
 
-        descendants = []
-        for pid in self.descendants():
-            try:
-                descendants.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                continue
-        if self.proc.poll() is None or descendants:
-            self.log.info("stopping msrun and %d descendants", len(descendants))
-        if self.proc.poll() is None:
-            with _quiet():
-                self.proc.terminate()
-        for p in descendants:
+        found = []
+        if self.proc is None:
+            return found
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self._tree.setdefault(child.pid, child)
+                found.append(self._tree[child.pid])
+        except psutil.Error:
+            pass
+        return found
+
+    def kill(self, reason: str = "the task was killed") -> None:
+        """Stop the job from outside; only sends signals and returns (safe in a signal handler).
+
+        ``run()`` then raises ``MsrunError`` naming ``reason`` even if msrun exits 0. Before the launch it
+        only records the reason, and ``run()`` starts nothing.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.proc is not None:
+            self._begin_stop()
+
+    def _begin_stop(self) -> None:
+        if self._stopping or self.proc is None:
+            return
+        self._stopping = True
+        if self.proc.poll() is not None:
+            return
+        ranks = self._note_tree()
+        with _quiet():
+            os.kill(self.proc.pid, signal.SIGSTOP)  # msrun must not SIGKILL the ranks that exit first
+        for p in ranks:
             with _quiet():
                 p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(descendants, timeout=self.kill_grace)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        for p in alive:
+        threading.Thread(target=self._escalate, args=(ranks, time.monotonic() + self.kill_grace),
+                         name="msrun-stop", daemon=True).start()
+
+    def _escalate(self, ranks: list, deadline: float) -> None:
+        """Once every rank has exited (or at the deadline, SIGKILLing what is left), SIGKILL msrun."""
+        import psutil
+
+        def alive(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        again = time.monotonic() + self.kill_grace / 2
+        while time.monotonic() < deadline and any(alive(p) for p in ranks):
+            if again is not None and time.monotonic() >= again:
+                again = None
+                for p in ranks:  # second SIGTERM: abandon the batch in flight
+                    if alive(p):
+                        with _quiet():
+                            p.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+        left = [p for p in ranks if alive(p)]
+        if left:
+            self.log.warning("%d msrun processes still running %.0fs after SIGTERM: SIGKILL", len(left),
+                             self.kill_grace)
+        for p in left:
             with _quiet():
                 p.kill()
-        psutil.wait_procs(alive, timeout=5)
-        with _quiet():
-            self.proc.wait(timeout=5)
+        if self.proc is not None and self.proc.poll() is None:
+            with _quiet():
+                os.kill(self.proc.pid, signal.SIGKILL)
+            with _quiet():
+                os.kill(self.proc.pid, signal.SIGCONT)
+
+    def _kill_leftovers(self) -> None:
+        """After msrun is gone: SIGKILL anything it started that is still running (orphans)."""
+        import psutil
+
+        left = []
+        for p in self._tree.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except psutil.Error:
+                continue
+        if left:
+            self.log.warning("killing %d processes msrun left behind", len(left))
+        for p in left:
+            with _quiet():
+                p.kill()
+        psutil.wait_procs(left, timeout=5)
 
 
 class _quiet:

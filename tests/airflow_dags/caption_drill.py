@@ -1,7 +1,9 @@
 """One AscendCaptionOperator over one partition, every templated field from params: the drills' DAG.
 
 Only tests load this folder (testkit.airflow_env.AirflowEnv with ``dags_folder``); production DAGs live in
-``dags/``. Retries come from CAPTION_RETRIES with a 1 s delay so a retry drill runs in seconds.
+``dags/``. Retries come from CAPTION_RETRIES with a 1 s delay so a retry drill runs in seconds. Fault injection
+is allowed here (``allow_fault_injection=True``; drills set CAPTION_FAULTS), never in production DAGs.
+CAPTION_EXECUTION_TIMEOUT, CAPTION_KILL_GRACE and CAPTION_LEASE_TTL (seconds) tune the kill and lease drills.
 """
 
 from __future__ import annotations
@@ -38,4 +40,9 @@ with DAG(
         aws_conn_id="caption_s3",
         retries=int(os.environ.get("CAPTION_RETRIES", "1")),
         retry_delay=timedelta(seconds=1),
+        allow_fault_injection=True,
+        kill_grace=float(os.environ.get("CAPTION_KILL_GRACE", "4")),
+        lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL", "60")),
+        execution_timeout=timedelta(seconds=float(os.environ["CAPTION_EXECUTION_TIMEOUT"]))
+        if os.environ.get("CAPTION_EXECUTION_TIMEOUT") else None,
     )
