@@ -3,9 +3,12 @@
 Components, each a separate process group on 127.0.0.1, started health-checked and stopped by PID:
 api-server, scheduler, dag-processor, triggerer, one Celery worker on the ``default`` queue and one Celery worker
 per ascend host on the ``ascend`` queue (``airflow celery worker -q ascend -c <NPU slots>``). Each host has its
-own hostname (``[core] hostname_callable`` reads ``CLUSTER_HOSTNAME``), its own Airflow log folder, msrun log
-root and temp dir (where ranks cache videos), as separate machines would. Task logs go to S3 (remote logging),
-so the API server reads every finished try from there, not from the host that ran it.
+own hostname (``[core] hostname_callable`` reads ``CLUSTER_HOSTNAME``), its own msrun log root and temp dir
+(where ranks cache videos), as separate machines would. Task logs go to S3 (remote logging), so the API server
+reads every finished try from there, not from the host that ran it. Airflow's log folder is shared by all
+components, as docker-compose.yaml's ``airflow-logs`` volume is: Airflow uploads a try's log to S3 only when
+the try ends, so the log of a try whose host died is readable only from a shared folder (or a streaming log
+backend), never from S3.
 
 The scheduler's task heartbeat timeout is short (``heartbeat_timeout``) so that a host that vanishes is noticed
 in seconds, not the default five minutes; the caption lease TTL is short for the same reason.
@@ -56,7 +59,7 @@ FIXTURE_ONLY = ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PL
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL",
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__CORE__HOSTNAME_CALLABLE",
-                "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "CLUSTER_HOSTNAME", "CAPTION_RETRY_DELAY_SECONDS",
+                "CLUSTER_HOSTNAME", "CAPTION_RETRY_DELAY_SECONDS",
                 "CURATION_RETRY_DELAY_SECONDS", "TMPDIR", "PYTHONPATH", "PYTHONUNBUFFERED", "PATH")
 # The compose service that runs each fixture component, and the worker service per queue.
 COMPOSE_SERVICES = {"api-server": "airflow-apiserver", "scheduler": "airflow-scheduler",
@@ -149,10 +152,10 @@ class AirflowCluster:
     def host_env(self, host: Host) -> dict[str, str]:
         """What differs between machines: hostname, local disks (task logs, msrun logs, video cache)."""
         base = self.host_dir(host.name)
-        for sub in ("logs", "msrun", "tmp"):
+        for sub in ("msrun", "tmp"):
             (base / sub).mkdir(parents=True, exist_ok=True)
-        return {"CLUSTER_HOSTNAME": host.name, "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(base / "logs"),
-                "CAPTION_MSRUN_LOG_ROOT": str(base / "msrun"), "TMPDIR": str(base / "tmp")}
+        return {"CLUSTER_HOSTNAME": host.name, "CAPTION_MSRUN_LOG_ROOT": str(base / "msrun"),
+                "TMPDIR": str(base / "tmp")}
 
     def _spawn(self, name: str, args: list[str], extra: dict[str, str] | None = None) -> None:
         airflow = str(Path(sys.executable).with_name("airflow"))
@@ -248,6 +251,26 @@ class AirflowCluster:
             time.sleep(3)
         raise RuntimeError(f"runs of {dag_id} not done: {[(r['dag_run_id'], r['state']) for r in runs]}\n"
                            f"{self.tail('scheduler')}")
+
+    def backfill(self, dag_id: str, from_date: str, to_date: str, *args: str, timeout: float = 1500) -> dict:
+        """``airflow backfill create`` and wait until the scheduler marks that backfill completed.
+
+        Returns its id and (partition_key, state, skip reason, run_id) per partition. For a partitioned DAG,
+        ``--reprocess-behavior completed`` makes NEW runs for keys that already have one (3.3.2), where a
+        date-keyed DAG would clear and relabel the existing run."""
+        before = self.query("SELECT coalesce(max(id), 0) FROM backfill")[0][0]
+        self.env.airflow("backfill", "create", "--dag-id", dag_id, "--from-date", from_date, "--to-date", to_date,
+                         *args)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.query("SELECT id, completed_at FROM backfill WHERE id > %s ORDER BY id", (before,))
+            if rows and rows[-1][1] is not None:
+                runs = self.query("SELECT bdr.partition_key, dr.state, bdr.exception_reason, dr.run_id "
+                                  "FROM backfill_dag_run bdr LEFT JOIN dag_run dr ON dr.id = bdr.dag_run_id "
+                                  "WHERE bdr.backfill_id = %s ORDER BY bdr.sort_ordinal", (rows[-1][0],))
+                return {"id": rows[-1][0], "runs": runs}
+            time.sleep(3)
+        raise RuntimeError(f"backfill of {dag_id} not completed after {timeout}s: {self.tail('scheduler')}")
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
         """A try's log as the UI gets it from the API server (its text, whatever handler it came from)."""
