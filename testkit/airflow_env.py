@@ -57,6 +57,7 @@ class AirflowEnv:
             "AIRFLOW_CONN_CURATION_DB": self.db_uri,
             "CAPTION_MODEL_DIR": str(TINY_QWEN2VL),
             "CAPTION_QUEUE": "default",
+            "CAPTION_POOL": "default_pool",  # the cluster fixture (testkit.cluster) creates ascend_npus
             "CAPTION_RETRY_DELAY_SECONDS": "5",
             "CURATION_RETRY_DELAY_SECONDS": "5",
             "CAPTION_MSRUN_LOG_ROOT": str(self.msrun_log_root),

@@ -63,3 +63,60 @@ def test_no_literal_secrets_and_loopback_ports():
     for service in _compose()["services"].values():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), port
+
+
+# -- the compose file against the live cluster fixture (testkit.cluster): the same topology and settings ----
+COMPOSE_ONLY = {"AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK", "CAPTION_SQL_DIR", "CAPTION_WORKER_NUM",
+                "CAPTION_NPU_POOL_SLOTS", "DUMB_INIT_SETSID", "HCCL_CONNECT_TIMEOUT", "_AIRFLOW_DB_MIGRATE"}
+
+
+def _fixture_env(tmp_path: Path) -> tuple[dict[str, str], dict[str, str], object]:
+    """The environment the cluster fixture gives every component, and the one an ascend host adds."""
+    import os
+
+    from testkit.airflow_env import AirflowEnv
+    from testkit.cluster import AirflowCluster
+
+    s3_env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    cluster = AirflowCluster(AirflowEnv(tmp_path, s3_env, "postgresql://u:p@127.0.0.1:1/c"),
+                             "postgresql://u:p@127.0.0.1:1/a", "redis://:p@127.0.0.1:2/0", "logs")
+    cluster.configure()
+    env = {k: v for k, v in cluster.env.env().items() if os.environ.get(k) != v or k.startswith(("AIRFLOW", "CAPTION"))}
+    ascend = next(h for h in cluster.hosts if h.queues == "ascend")
+    return env, cluster.host_env(ascend), cluster
+
+
+def test_compose_mirrors_the_cluster_fixture(tmp_path):
+    from testkit import cluster as topology
+
+    services = _compose()["services"]
+    env, host_env, cluster = _fixture_env(tmp_path)
+    common = services["airflow-scheduler"]["environment"]
+    named = set(topology.COMPOSE_SAME_VALUE) | set(topology.COMPOSE_SAME_NAME) | set(topology.FIXTURE_ONLY)
+    unclassified = sorted(k for k in {*env, *host_env} if k.startswith(("AIRFLOW", "CAPTION", "CURATION"))
+                          and k not in named)
+    assert not unclassified, f"the fixture sets {unclassified}: add them to docker-compose.yaml and testkit.cluster"
+    for name in topology.COMPOSE_SAME_VALUE:
+        assert str(common.get(name)) == env[name], (name, common.get(name), env[name])
+    for name in topology.COMPOSE_SAME_NAME:
+        assert name in common, f"docker-compose.yaml lacks {name}, which the tested cluster sets"
+    for name in topology.FIXTURE_ONLY:
+        assert name not in common or name in topology.COMPOSE_SAME_NAME, name
+    compose_names = {k for s in services.values() if isinstance(s.get("environment"), dict) for k in s["environment"]
+                     if k.startswith(("AIRFLOW", "CAPTION", "CURATION", "_AIRFLOW", "HCCL", "DUMB"))}
+    extra = sorted(compose_names - named - COMPOSE_ONLY)
+    assert not extra, f"docker-compose.yaml sets {extra}, which the tested cluster does not"
+
+    # The same components, and one worker service per queue with the fixture's queues and NPU concurrency.
+    for component, service in topology.COMPOSE_SERVICES.items():
+        assert services[service]["command"] == component, service
+    for host in cluster.hosts:
+        command = services[topology.COMPOSE_WORKERS[host.queues]]["command"]
+        assert re.search(rf"^celery worker .*-q {host.queues}\b", command), command
+        if host.queues == "ascend":
+            assert re.search(rf"-c {host.concurrency}\b", command), (command, host)
+    assert "redis" in services and services["redis"]["image"].startswith("redis:")
+    assert '"${CAPTION_POOL}"' in (REPO / "docker" / "init.sh").read_text() and common["CAPTION_POOL"] == "ascend_npus"
+    assert "airflow-logs" in (REPO / "docker" / "init.sh").read_text()
+    assert common["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].startswith("s3://airflow-logs/")
+    assert "CAPTION_MSRUN_LOG_ROOT" in host_env and "CAPTION_MSRUN_LOG_ROOT" in common
