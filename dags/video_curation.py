@@ -82,6 +82,8 @@ with DAG(
         "manifest_prefix": Param("manifests", type="string"),
         "shard_size": Param(500, type="integer", minimum=1, description="videos per new meta shard; a video "
                             "keeps its shard, new videos go to new shards"),
+        "recaption": Param(False, type="boolean", description="caption shards whose output was made with other "
+                           "settings (model, checkpoint, prompt, options) again; without it such a shard fails"),
         "retry_failed": Param(False, type="boolean", description="re-queue videos whose caption ended failed "
                               "into a new shard (nothing re-queues them otherwise)"),
         "min_frames": Param(8, type="integer", minimum=1),
@@ -144,6 +146,7 @@ with DAG(
         model="{{ params.model }}",
         model_dir="{{ params.model_dir }}",
         caption_options="{{ params.caption_options }}",
+        recaption="{{ params.recaption }}",
         worker_num="{{ params.worker_num }}",
         local_worker_num="{{ params.worker_num }}",
         aws_conn_id=S3_CONN,

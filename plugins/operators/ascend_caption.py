@@ -111,7 +111,11 @@ class AscendCaptionOperator(BaseOperator):
     :param caption_options: the caption script's arguments by their seed names, e.g.
         ``{"question": ..., "max_new_tokens": 200, "bs": 1, "fps": 4, "device_target": "Ascend"}`` (templated).
         Options the operator owns (``OWNED_OPTIONS``: meta path, output, model dir, skip flag) are refused.
-    :param skip_if_existing: return at once, launching nothing, if the output exists (default True)
+    :param skip_if_existing: return at once, launching nothing, if the output exists and was made with this
+        task's settings (default True). An output made with other settings (model, checkpoint, prompt,
+        generation or sampling options, dtype: its summary's fingerprint) fails the task, naming both.
+    :param recaption: caption such an output again with this task's settings (templated). The old output stays
+        readable until the new one replaces it whole; no row made with the old settings is reused.
     :param worker_num: msrun ``--worker_num``, all ranks over all nodes (templated)
     :param local_worker_num: msrun ``--local_worker_num``, ranks on this host (templated)
     :param msrun_options: ``master_addr``, ``master_port`` (default: derived from the task identity, then
@@ -133,7 +137,8 @@ class AscendCaptionOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("meta_path", "model", "model_dir", "output_uri", "caption_options",
-                                      "worker_num", "local_worker_num", "msrun_options", "log_dir", "env")
+                                      "worker_num", "local_worker_num", "msrun_options", "log_dir", "env",
+                                      "recaption")
     template_fields_renderers = {"caption_options": "json", "msrun_options": "json", "env": "json"}
     ui_color = "#e8f1d4"
     operator_extra_links = (CaptionGalleryLink(), CaptionOutputLink())
@@ -144,7 +149,7 @@ class AscendCaptionOperator(BaseOperator):
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
                  env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
                  kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
-                 **kwargs) -> None:
+                 recaption: bool = False, **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
         super().__init__(**kwargs)
         self.meta_path = meta_path
@@ -165,6 +170,8 @@ class AscendCaptionOperator(BaseOperator):
         self.kill_grace = kill_grace
         self.allow_fault_injection = allow_fault_injection
         self.allow_pickled_weights = allow_pickled_weights
+        self.recaption = recaption
+        self._recaptioning = False  # the existing output was made with other settings and is being replaced
         self._hook: MsrunHook | None = None
         self._killed = None  # threading.Event, made in execute (operators are deep-copied before it)
 
@@ -268,7 +275,7 @@ class AscendCaptionOperator(BaseOperator):
         except ValueError as err:
             raise AirflowFailException(f"invalid caption options: {err}") from err
         args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options]
-        if self.skip_if_existing:
+        if self.skip_if_existing and not self._recaptioning:
             args.append("--skip_if_existing")
         args += ["--", self.meta_path]  # positional after `--`: a meta path is never read as an option
         from captioning_core.cli import build_parser  # argparse only: no model code is imported
@@ -278,6 +285,31 @@ class AscendCaptionOperator(BaseOperator):
         except SystemExit as err:
             raise AirflowFailException(f"invalid caption options {self.caption_options}") from err
         return args
+
+    def _finished(self, hook) -> bool:
+        """The output exists and its summary's fingerprint is this task's (nothing to do). An output made with
+        other settings fails the task, unless ``recaption`` asks to replace it (then False)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from captioning_core import fingerprint
+
+        if not self._exists(hook, self.output_uri):
+            return False
+        self._check_model_dir()  # the checkpoint's identity is part of the fingerprint
+        wanted = fingerprint.for_script_args(self.model, self._script_args())
+        found = self._summary(hook, f"{self.output_uri}.summary.json").get(fingerprint.SUMMARY_KEY)
+        if found and found.get("id") == wanted["id"]:
+            return True
+        made_with = fingerprint.describe(found) if found else "settings it did not record (no fingerprint)"
+        if str(self.recaption).strip().lower() not in ("true", "1", "yes"):  # a bool, or a rendered template
+            raise AirflowFailException(
+                f"{self.output_uri} exists but was captioned with {made_with}; this task would caption with "
+                f"{fingerprint.describe(wanted)}. Set recaption=True (DAG param 'recaption') to caption the "
+                f"partition again with these settings; the old output stays until the new one replaces it.")
+        self.log.warning("recaptioning %s: it was made with %s; now %s", self.output_uri, made_with,
+                         fingerprint.describe(wanted))
+        self._recaptioning = True
+        return False
 
     def _node_rank(self) -> int:
         return int(self.msrun_options.get("node_rank", -1) if isinstance(self.msrun_options, dict) else -1)
@@ -304,7 +336,7 @@ class AscendCaptionOperator(BaseOperator):
         summary_uri = f"{self.output_uri}.summary.json"
         started = time.time()
         launched = False
-        if not (self.skip_if_existing and self._exists(hook, self.output_uri)):
+        if not (self.skip_if_existing and self._finished(hook)):
             self._check_meta(hook)
             self._check_model_dir()
             script_args = self._script_args()
@@ -321,7 +353,7 @@ class AscendCaptionOperator(BaseOperator):
                 except LeaseCancelled as err:
                     raise AirflowFailException(str(err)) from err
             try:
-                if self.skip_if_existing and self._exists(hook, self.output_uri):
+                if self.skip_if_existing and not self._recaptioning and self._finished(hook):
                     self.log.info("another attempt finished %s while we waited", self.output_uri)
                 elif self._killed.is_set():
                     raise RuntimeError("the task was killed before msrun started; nothing launched")

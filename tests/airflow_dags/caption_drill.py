@@ -26,6 +26,7 @@ with DAG(
         "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", ""), type="string"),
         "caption_options": Param({}, type="object"),
         "env": Param({}, type="object"),
+        "recaption": Param(False, type="boolean"),
     },
 ) as dag:
     AscendCaptionOperator(
@@ -35,6 +36,7 @@ with DAG(
         model_dir="{{ params.model_dir }}",
         caption_options="{{ params.caption_options }}",
         env="{{ params.env }}",
+        recaption="{{ params.recaption }}",
         worker_num=2,
         local_worker_num=2,
         aws_conn_id="caption_s3",
