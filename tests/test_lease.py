@@ -128,11 +128,41 @@ DATE = "2026-11-24"
 
 
 def _msruns_under(pid: int) -> list[psutil.Process]:
+    out = []
     try:
-        return [p for p in psutil.Process(pid).children(recursive=True)
-                if any("msrun" in part or "caption_qwen2vl.py" in part for part in p.cmdline())]
+        children = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
-        return []
+        return out
+    for p in children:
+        try:
+            if any("msrun" in part or "caption_qwen2vl.py" in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+class _Attempt:
+    """One `airflow dags test` in the background, its output drained (a full pipe would stall it)."""
+
+    def __init__(self, env: AirflowEnv, cmd: list[str]) -> None:
+        self.env = env
+        self.proc = subprocess.Popen(cmd, env=env.env(), cwd=env.home, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _alive(procs) -> list:
@@ -175,14 +205,13 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     lease_key = "lease/captions.csv.lease"
     conf = {"meta_path": meta, "output_uri": output, "caption_options": {**TINY_CAPTION_OPTIONS, "bs": 1}}
 
-    def start(name: str, **extra: str) -> tuple[AirflowEnv, subprocess.Popen]:
+    def start(name: str, **extra: str) -> tuple[AirflowEnv, _Attempt]:
         env = AirflowEnv(tmp_path / name, s3_server.env(), "postgresql://unused", dags_folder=DAGS,
                          extra={"CAPTION_RETRIES": "0", "CAPTION_FAULTS": "slow@0:2,slow@1:2", **extra})
         env.migrate()
         cmd = [str(Path(sys.executable).with_name("airflow")), "dags", "test", "caption_drill", DATE, "-c",
                json.dumps(conf)]
-        return env, subprocess.Popen(cmd, env=env.env(), cwd=env.home, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        return env, _Attempt(env, cmd)
 
     def parts() -> int:
         return len(client.list_objects_v2(Bucket=s3_bucket, Prefix="lease/captions.csv.parts/").get("Contents", []))
@@ -194,11 +223,10 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
         tree_a = _msruns_under(a.pid)
         assert tree_a
         os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=10)
+        a.finish(timeout=10)
         _wait_for(lambda: not _alive(tree_a), 20, "attempt A's msrun tree to die with it")
     finally:
-        if a.poll() is None:
-            a.kill()
+        a.kill()
     assert json.loads(client.get_object(Bucket=s3_bucket, Key=lease_key)["Body"].read())["pid"] == a.pid
 
     # 2. attempt B on this host takes the 60 s lease over at once; its own lease renews every 2 s (ttl 8)
@@ -214,10 +242,9 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
         stolen_at = time.monotonic()
         _wait_for(lambda: not _alive(tree_b), 30, "attempt B's msrun to stop")
         stopped_after = time.monotonic() - stolen_at
-        out_b, _ = b.communicate(timeout=300)
+        out_b = b.finish(timeout=300)
     finally:
-        if b.poll() is None:
-            b.kill()
+        b.kill()
     print(f"lease: B took over A's lease (holder {body['pid']}); stolen lease -> msrun gone in {stopped_after:.1f}s")
     assert "taking over lease" in out_b and "is gone" in out_b
     assert "lost the partition lease" in out_b and "msrun was stopped" in out_b
@@ -227,8 +254,11 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
 
     # 4. once the thief's lease expires, attempt C completes the partition: nothing lost or duplicated
     env_c, c = start("airflow-c")
-    out_c, _ = c.communicate(timeout=900)
-    assert c.returncode == 0, out_c[-5000:]
+    try:
+        out_c = c.finish(timeout=900)
+    finally:
+        c.kill()
+    assert c.proc.returncode == 0, out_c[-5000:]
     out = pd.read_csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="lease/captions.csv")["Body"].read()),
                       dtype=str, keep_default_na=False)
     assert out["path"].tolist() == [r.path for r in rows]
