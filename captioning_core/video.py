@@ -9,8 +9,9 @@ Frame counts, fps and indices are decord's (what both seeds sample with). The sa
 PyAV: decode forward, seek only when that skips more than a few frames, and convert only the wanted frames
 to RGB. It is as fast as decord's ``get_batch`` or faster in total, and frame-exact on open-GOP clips, where
 ``get_batch`` is not; see docs/BENCHMARKS.md. When PyAV's packet table does not match
-decord's frame table exactly (several video streams, edit-list discards, missing timestamps, a truncated
-file), ``read_frames`` uses ``get_batch``, so the frames returned are always decord's frames at those indices.
+decord's frame table exactly (edit-list discards, missing timestamps, a truncated file), ``read_frames`` uses
+``get_batch``, so the frames returned are always decord's frames at those indices. With several video streams
+(or cover art stored as one) PyAV reads the stream decord reads: FFmpeg's best stream, never an attached picture.
 
 Frames come out as a player shows them (``captioning_core.display``): display rotation and flips applied, non-square
 pixels stretched, 10-bit and other formats converted to RGB as ffmpeg does, before any model resizing.

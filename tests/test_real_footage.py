@@ -289,3 +289,17 @@ def test_tiny_qwen2vl_captions_the_rotated_demo_clip(footage_dir, tmp_path):
     assert out["caption_status"].tolist() == ["ok", "ok"]
     assert out["text"].tolist()[0] == spec.caption
     assert out["text"].tolist()[1] != spec.caption  # sideways, the circle moves up or down
+
+
+def test_phone_style_spec_validation():
+    with pytest.raises(ValueError, match="multiple of 90"):
+        ClipSpec(rotation=45)
+    with pytest.raises(ValueError, match="needs mkv"):
+        ClipSpec(rotation=90, rotate_tag=True)  # mp4 keeps no rotate tag
+    with pytest.raises(ValueError, match="sar"):
+        ClipSpec(width=320, sar=(3, 2))  # 320 / 1.5 is not a whole even width
+    with pytest.raises(ValueError, match="pix_fmt"):
+        ClipSpec(pix_fmt="rgb24")
+    spec = ClipSpec("red", "up", "square", 360, 640, rotation=90, hflip=True)
+    assert spec.stored_size == (360, 640) and spec.filename.endswith("_r90_hflip.mp4")
+    assert ClipSpec().filename == "red_square_left_320x240_25fps_2s_g12.mp4"  # plain clips keep their names
