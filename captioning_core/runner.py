@@ -233,8 +233,8 @@ class RankRunner:
             storage.check_readable(uri)
             return True
         except Exception as err:
-            if storage.is_not_found(err):
-                return True
+            if not (storage.is_transient(err) or storage.is_access_denied(err) or isinstance(err, PermissionError)):
+                return True  # not there, a directory, ...: the video's own problem, recorded by the loop
             error = short_error(err)
         stats.transient, stats.last_transient_error = 1, error
         stats.stopped_early = f"cannot read the first pending video ({error}); model not loaded"
