@@ -37,9 +37,9 @@ def test_wrong_secret_in_try_1_fails_the_task_and_try_2_captions_every_row(make_
     assert [(t, s) for _, t, s in env.task_tries(DAG_ID, "caption")] == [(1, "failed"), (2, "success")]
     _assert_captions(_read_output(client, output), rows)
     refused = _rank_lines(env.msrun_log_root, "attempt failed on an environment error")
-    assert set(refused) == {"try1"} and len(refused["try1"]) == 2, refused  # both ranks, try 1 only
+    assert refused["try1"] and not refused.get("try2"), refused  # try 1 only
     assert "injected-wrong-secret" not in "\n".join(refused["try1"])
     loaded = _rank_lines(env.msrun_log_root, "loaded ")
-    assert "try1" not in loaded and len(loaded["try2"]) == 2  # no model loaded for nothing
+    assert not loaded.get("try1") and loaded["try2"], loaded  # no model loaded for nothing
     [(_, _, result)] = env.task_results(DAG_ID, "caption")
     assert (result["rows"], result["captioned"], result["failed"]) == (len(rows), len(rows), 0)
