@@ -1,7 +1,8 @@
 """Fault injection for reliability drills, driven by ``CAPTION_FAULTS`` (off unless set).
 
 Syntax: comma-separated ``kind@rank:arg``. Kinds:
-- ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt.
+- ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt (the rank then
+                    flushes its journal after every batch, so the kill lands exactly there).
 - ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
 - ``slow@R:S``      rank R sleeps S seconds after each journal flush (to widen race windows).
 - ``runtime@R``     every generate call on rank R raises RuntimeError (a device or model-runtime fault:
