@@ -109,8 +109,12 @@ def setup_logging(rank: int) -> None:
 def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
     if os.environ.get("MS_ROLE") == "MS_SCHED":
         return run_scheduler(argv, model)
+    from captioning_core.faults import FaultPlan
+
     info = rank_from_env()
     setup_logging(info.rank)
+    faults = FaultPlan.from_env(info.rank)
+    faults.apply_to_environment()
     parser = build_parser(model)
     args = parser.parse_args(argv)
     try:
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
             if info.rank == 0:
                 _rebuild_beside(cfg)
             return 0
-        return run(cfg, info)
+        return run(cfg, info, faults)
     except Exception as err:
         if storage.is_transient(err) or storage.is_access_denied(err):
             log.error("attempt failed on an environment error, nothing published; the next attempt resumes: "
@@ -142,7 +146,7 @@ def _rebuild_beside(cfg: RunConfig) -> None:
         log.warning("could not rebuild summary or gallery beside %s: %s: %s", cfg.output, type(err).__name__, err)
 
 
-def run(cfg: RunConfig, info) -> int:
+def run(cfg: RunConfig, info, faults=None) -> int:
     from captioning_core import runtime
     from captioning_core.faults import FaultPlan
     from captioning_core.metadata import PartitionError, read_partition
@@ -162,7 +166,8 @@ def run(cfg: RunConfig, info) -> int:
         return EXIT_BAD_INPUT
     log_settings(cfg, info)
     runtime.configure(cfg.device_target)
-    stats = RankRunner(cfg, info, captioner_cls(cfg), FaultPlan.from_env(info.rank)).run()
+    faults = faults if faults is not None else FaultPlan.from_env(info.rank)
+    stats = RankRunner(cfg, info, captioner_cls(cfg), faults).run()
     log.info("rank stats %s", stats.to_dict())
     if stats.needs_retry:
         log.error("%s", stats.account())

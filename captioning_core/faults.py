@@ -1,12 +1,15 @@
 """Fault injection for reliability drills, driven by ``CAPTION_FAULTS`` (off unless set).
 
 Syntax: comma-separated ``kind@rank:arg``. Kinds:
-- ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt.
+- ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt (the rank then
+                    flushes its journal after every batch, so the kill lands exactly there).
 - ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
 - ``slow@R:S``      rank R sleeps S seconds after each journal flush (to widen race windows).
 - ``runtime@R``     every generate call on rank R raises RuntimeError (a device or model-runtime fault:
                     transient, so the rows are retried by the next attempt).
 - ``crash_publish@R`` rank R SIGKILLs itself while publishing, after summary and gallery, before the output.
+- ``bad_secret@R``  rank R replaces its S3 secret by a wrong one before any S3 call (a credentials drill
+                    whose wrong secret can be limited to one Airflow try, which a connection cannot).
 
 ``R`` may be ``*``: every rank.
 
@@ -33,6 +36,7 @@ class FaultPlan:
     sleep_per_batch: float = 0.0
     runtime_error: bool = False
     crash_before_output: bool = False
+    bad_secret: bool = False
 
     @classmethod
     def from_env(cls, rank: int, env: dict[str, str] | None = None) -> FaultPlan:
@@ -59,6 +63,8 @@ class FaultPlan:
                 plan.runtime_error = True
             elif kind == "crash_publish":
                 plan.crash_before_output = True
+            elif kind == "bad_secret":
+                plan.bad_secret = True
             else:
                 raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
         return plan
@@ -69,6 +75,14 @@ class FaultPlan:
             raise MemoryError(f"injected out-of-memory for rows {sorted(hit)}")
         if self.runtime_error:
             raise RuntimeError(f"injected model-runtime error for rows {rows}")
+
+    def apply_to_environment(self) -> None:
+        """Faults that act on the process before anything runs: called once, first thing, by the CLI."""
+        if self.bad_secret:
+            from captioning_core import storage
+
+            os.environ["AWS_SECRET_ACCESS_KEY"] = "injected-wrong-secret"
+            storage.s3_client.cache_clear()
 
     def before_output(self) -> None:
         if self.crash_before_output:

@@ -233,8 +233,8 @@ class RankRunner:
             storage.check_readable(uri)
             return True
         except Exception as err:
-            if storage.is_not_found(err):
-                return True
+            if not (storage.is_transient(err) or storage.is_access_denied(err) or isinstance(err, PermissionError)):
+                return True  # not there, a directory, ...: the video's own problem, recorded by the loop
             error = short_error(err)
         stats.transient, stats.last_transient_error = 1, error
         stats.stopped_early = f"cannot read the first pending video ({error}); model not loaded"
@@ -250,8 +250,10 @@ class RankRunner:
     def _caption_rows(self, prepared: Iterator[Prepared], count: int, previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
         cfg = self.cfg
+        # A kill drill needs an exact kill point: with a sigkill fault every batch is flushed at once.
+        flush_rows = 1 if self.faults.kill_after_rows is not None else cfg.journal_flush_rows
         writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
-                               gallery.gallery_prefix(cfg.output), cfg.journal_flush_rows, cfg.journal_flush_seconds)
+                               gallery.gallery_prefix(cfg.output), flush_rows, cfg.journal_flush_seconds)
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         self._consecutive = 0

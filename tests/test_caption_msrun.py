@@ -97,7 +97,8 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "part-kill", partition_clips[:8])
     parts_prefix = "part-kill/meta_caption_qwen2vl.csv.parts/"
-    first = run_msrun(meta, *TINY_ARGS, log_dir=tmp_path / "log1", env={"CAPTION_FAULTS": "sigkill@1:2"})
+    first = run_msrun(meta, *TINY_ARGS, "--journal_flush_rows", "1", log_dir=tmp_path / "log1",
+                      env={"CAPTION_FAULTS": "sigkill@1:2"})  # flush each row: the kill lands mid-partition
     assert first.returncode != 0
     assert not _exists(client, s3_bucket, "part-kill/meta_caption_qwen2vl.csv")
     done_before = _journaled_rows(client, s3_bucket, parts_prefix)
