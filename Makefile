@@ -41,7 +41,7 @@ screenshot: setup
 
 # Regenerates the README's grid-view pictures (partition keys, both ascend hosts) on the local Celery cluster.
 screenshot-cluster: setup
-	$(PY) -m demo --cluster --out demo_output_cluster --grid-screenshot docs/cluster_grid.png
+	$(PY) -m demo --cluster --out demo_output/cluster --grid-screenshot docs/cluster_grid.png
 
 bench: setup
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -51,7 +51,7 @@ def run(airflow: AirflowEnv, airflow_db_uri: str, log_bucket: str, bucket: str, 
             browser.screenshot(grid, grid_png, size=(1400, 820), wait_ms=25000)
             log.info("grid screenshot saved to %s", grid_png)
             runs_png = str(Path(grid_png).with_name(Path(grid_png).stem + "_runs.png"))
-            browser.screenshot(f"{grid}/runs", runs_png, size=(1400, 620), wait_ms=25000)
+            browser.screenshot(f"{grid}/runs", runs_png, size=(1900, 620), wait_ms=25000)
             log.info("runs list (partition keys) saved to %s", runs_png)
         if ui:
             first = urllib.parse.quote(runs[0]["dag_run_id"], safe="")

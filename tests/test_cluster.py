@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import datetime
 
 import pytest
 
@@ -115,6 +116,8 @@ def test_backfill_three_partitions_then_reprocess_and_rerun_one(world):
     log.info("backfill of 3 partitions: %.1fs", first_seconds)
     assert {r["partition_key"]: r["state"] for r in runs} == {k: "success" for k in PARTITIONS}, cluster.tail("scheduler")
     assert all(r["run_type"] == "backfill" for r in runs)
+    spans = [(datetime.fromisoformat(r["start_date"]), datetime.fromisoformat(r["end_date"])) for r in runs]
+    assert _max_overlap(spans) <= 2, spans  # --max-active-runs 2
 
     for key in PARTITIONS:
         table = _table(conn, key)
