@@ -25,6 +25,7 @@ from typing import Any
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
 from operators.lease import LeaseCancelled, S3Lease
+from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
 
 CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py"}
@@ -101,7 +102,7 @@ class CaptionOutputLink(_OutputObjectLink):
     name = "Caption output"
 
 
-class AscendCaptionOperator(BaseOperator):
+class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     """Caption every video of one meta partition with Qwen2-VL or PLLaVA under msrun.
 
     :param meta_path: the partition's meta CSV, ``s3://bucket/key.csv`` (templated)
@@ -371,6 +372,7 @@ class AscendCaptionOperator(BaseOperator):
             self.log.info("output exists, nothing to launch: %s", self.output_uri)
         result = self._result(hook, summary_uri, started, launched)
         context["outlet_events"][AssetAlias(CAPTIONS_ALIAS)].add(Asset(self.output_uri), extra=result)
+        self.lineage_result = result
         return result
 
     def _run_hook(self, lease: S3Lease | None) -> None:

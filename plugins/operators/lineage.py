@@ -1,7 +1,7 @@
 """OpenLineage for the caption task: its input partition (meta CSV) and output caption CSV as datasets.
 
-A mixin, listed before the operator class (``class AscendCaptionOperator(CaptionLineageMixin, BaseOperator)``),
-so the OpenLineage provider's listener finds ``get_openlineage_facets_on_complete`` on the task. Dataset names
+A mixin of the operator (``class AscendCaptionOperator(CaptionLineageMixin, BaseOperator)``), so the OpenLineage
+provider's listener finds ``get_openlineage_facets_on_complete`` on the task. Dataset names
 follow OpenLineage's S3 naming: namespace ``s3://<bucket>``, name ``<key>``. The output dataset carries the
 row count of the published CSV (``outputStatistics``) when the try returned one.
 
@@ -10,8 +10,6 @@ OpenLineage transport configured the provider disables itself and this code neve
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 
 def _s3_dataset(uri: str, rows: int | None = None):
@@ -34,17 +32,14 @@ class CaptionLineageMixin:
 
     meta_path: str
     output_uri: str | None
-
-    def execute(self, context) -> Any:
-        result = super().execute(context)  # type: ignore[misc]
-        self._lineage_result = result if isinstance(result, dict) else None
-        return result
+    #: the try's XCom result (output URI, row counts); the operator sets it at the end of ``execute``
+    lineage_result: dict | None = None
 
     def get_openlineage_facets_on_start(self):
         return self._lineage(None)
 
     def get_openlineage_facets_on_complete(self, task_instance):
-        return self._lineage(getattr(self, "_lineage_result", None))
+        return self._lineage(self.lineage_result)
 
     def get_openlineage_facets_on_failure(self, task_instance):
         return self._lineage(None)

@@ -1,8 +1,4 @@
-"""The caption operator with the OpenLineage mixin (plugins/operators/lineage.py) in front of its bases.
-
-What the operator class will look like once the mixin is wired in (``class AscendCaptionOperator(
-CaptionLineageMixin, BaseOperator)``); until then this subclass lets the live lineage test run it.
-"""
+"""The caption operator as users run it, for the live OpenLineage test (its lineage: plugins/operators/lineage.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +7,6 @@ from datetime import datetime
 from airflow.sdk import DAG, Param
 
 from operators.ascend_caption import AscendCaptionOperator
-from operators.lineage import CaptionLineageMixin
-
-
-class LineageCaptionOperator(CaptionLineageMixin, AscendCaptionOperator):
-    """AscendCaptionOperator reporting its input partition and output CSV to OpenLineage."""
-
 
 with DAG(
     dag_id="caption_lineage",
@@ -26,7 +16,7 @@ with DAG(
     params={"meta_path": Param(type="string"), "model_dir": Param(type="string"),
             "caption_options": Param({}, type="object")},
 ) as dag:
-    LineageCaptionOperator(
+    AscendCaptionOperator(
         task_id="caption",
         meta_path="{{ params.meta_path }}",
         model_dir="{{ params.model_dir }}",
