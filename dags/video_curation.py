@@ -156,7 +156,7 @@ with DAG(
         max_active_tis_per_dagrun=int(os.environ.get("CAPTION_MAX_PER_RUN", "2")),
         # A retry on another host waits for the dead try's partition lease to expire: keep it short where
         # hosts can vanish (the lease is renewed every ttl/3 while msrun runs).
-        lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL_SECONDS", "300")),
+        lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL_SECONDS", "60")),
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
         retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
     ).expand_kwargs(shards)
