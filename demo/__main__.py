@@ -95,15 +95,16 @@ def main(argv: list[str] | None = None) -> int:
             table = cur.fetchall()
         conn.close()
         (out / "train_manifest.csv").write_bytes(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
-        gallery_path = _first_gallery(client)
         _print_report(table, expected, manifest, manifest_key, out, airflow, started)
         if args.ui or args.screenshot:
             with AirflowServices(airflow, components=("api-server",)) as af:
-                url = f"{af.base_url}{gallery_path}"
+                # Everyone is admin here, but the gallery still wants a session: the UI's own token.
+                token = af.request("GET", "/auth/token")[1]["access_token"]
+                url = f"{af.base_url}{_gallery_link(af, token)}"
                 if args.screenshot:
                     from testkit import browser
 
-                    browser.screenshot(url, args.screenshot, size=(1200, 760))
+                    browser.visit(url, cookies={"_token": token}, screenshot=args.screenshot, size=(1200, 760))
                     log.info("gallery screenshot saved to %s", args.screenshot)
                 if args.ui:
                     print(f"\nAirflow UI: {af.base_url}/dags/video_curation  (no login)\n"  # noqa: T201
@@ -134,13 +135,15 @@ def _caption_of(table, path: str) -> str | None:
     return next((row[4] for row in table if row[0] == path), None)
 
 
-def _first_gallery(client) -> str:
-    """The API-server path of the first shard's gallery (served by the caption_gallery plugin)."""
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="meta/"):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".gallery/index.html"):
-                return f"/caption-gallery/caption_s3/{BUCKET}/{obj['Key']}"
-    return "/"
+def _gallery_link(af: AirflowServices, token: str) -> str:
+    """The first shard's "Caption gallery" extra link of the newest run, as the UI gets it."""
+    from urllib.parse import quote
+
+    runs = af.request("GET", "/api/v2/dags/video_curation/dagRuns?order_by=-run_after&limit=1", token=token)[1]
+    run_id = quote(runs["dag_runs"][0]["dag_run_id"], safe="")
+    links = af.request("GET", f"/api/v2/dags/video_curation/dagRuns/{run_id}/taskInstances/caption/links"
+                       "?map_index=0", token=token)[1]
+    return links["extra_links"]["Caption gallery"] or "/"
 
 
 def _wait_for_ctrl_c() -> None:
