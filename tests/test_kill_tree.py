@@ -27,6 +27,7 @@ from testkit.airflow_env import REPO, TINY_CAPTION_OPTIONS, TINY_QWEN2VL, Airflo
 from testkit.clips import ensure_clip
 from testkit.demo_clips import PARTITION_SPECS, SMALL_SPECS
 from testkit.partition import Row, meta_csv, upload_partition
+from testkit.process import alive, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 
@@ -65,31 +66,11 @@ def _ranks(root_pid: int) -> list[psutil.Process]:
     return out
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _assert_all_gone(procs: list[psutil.Process], timeout: float = 20) -> None:
-    def alive():
-        out = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
     deadline = time.monotonic() + timeout
-    while alive() and time.monotonic() < deadline:
+    while alive(procs) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = alive()
+    left = alive(procs)
     assert not left, f"processes survived: {[(p.pid, p.cmdline()) for p in left]}"
 
 
@@ -255,7 +236,7 @@ def test_sigterm_to_the_task_runner_stops_the_ranks_gracefully_and_the_retry_res
                                 text=True)
         try:
             # once both ranks have journaled something, the "supervisor" sends SIGTERM
-            _wait_for(lambda: len(client.list_objects_v2(Bucket=bucket, Prefix=f"{key}.parts/")
+            wait_for(lambda: len(client.list_objects_v2(Bucket=bucket, Prefix=f"{key}.parts/")
                                   .get("Contents", [])) >= 2, 400, "journal parts of try 1")
             os.kill(task.pid, signal.SIGTERM)
             out, _ = task.communicate(timeout=600)
@@ -284,7 +265,7 @@ def test_sigkill_of_the_task_process_takes_msrun_and_workers_down(local_partitio
     task = subprocess.Popen([sys.executable, "-c", DRIVER.format(plugins=str(REPO / "plugins")), json.dumps(spec)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: len(_ranks(task.pid)) == 2, 90, "2 workers")
+        wait_for(lambda: len(_ranks(task.pid)) == 2, 90, "2 workers")
         tree = psutil.Process(task.pid).children(recursive=True)
         time.sleep(2)
         os.kill(task.pid, signal.SIGKILL)  # no on_kill, no cleanup code runs in the task process

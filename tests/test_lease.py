@@ -26,6 +26,7 @@ import pytest
 
 from operators.lease import LeaseHeldError, S3Lease, process_start
 from testkit.airflow_env import REPO, TINY_CAPTION_OPTIONS, AirflowEnv
+from testkit.process import alive, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -165,27 +166,6 @@ class _Attempt:
             self.proc.wait()
 
 
-def _alive(procs) -> list:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.msrun
 @pytest.mark.e2e
 def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bucket, tmp_path_factory, tmp_path):
@@ -219,12 +199,12 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     # 1. attempt A holds the lease and runs msrun; it is SIGKILLed (OOM killer, node trouble): no cleanup runs
     env_a, a = start("airflow-a")
     try:
-        _wait_for(lambda: parts() >= 1, 400, "attempt A's first journal part")
+        wait_for(lambda: parts() >= 1, 400, "attempt A's first journal part")
         tree_a = _msruns_under(a.pid)
         assert tree_a
         os.kill(a.pid, signal.SIGKILL)
         a.finish(timeout=10)
-        _wait_for(lambda: not _alive(tree_a), 20, "attempt A's msrun tree to die with it")
+        wait_for(lambda: not alive(tree_a), 20, "attempt A's msrun tree to die with it")
     finally:
         a.kill()
     assert json.loads(client.get_object(Bucket=s3_bucket, Key=lease_key)["Body"].read())["pid"] == a.pid
@@ -232,15 +212,15 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     # 2. attempt B on this host takes the 60 s lease over at once; its own lease renews every 2 s (ttl 8)
     env_b, b = start("airflow-b", CAPTION_LEASE_TTL="8")
     try:
-        body = _wait_for(lambda: _lease_holder(client, s3_bucket, lease_key, b.pid), 120, "B to take the lease")
+        body = wait_for(lambda: _lease_holder(client, s3_bucket, lease_key, b.pid), 120, "B to take the lease")
         before = parts()
-        _wait_for(lambda: _msruns_under(b.pid) and parts() > before, 400, "attempt B captioning")
+        wait_for(lambda: _msruns_under(b.pid) and parts() > before, 400, "attempt B captioning")
         tree_b = _msruns_under(b.pid)
         # 3. the lease is stolen (another deployment's attempt, a clock gone wrong): B must stop
         thief = {"token": "thief", "expires_at": time.time() + 25}
         client.put_object(Bucket=s3_bucket, Key=lease_key, Body=json.dumps(thief).encode())
         stolen_at = time.monotonic()
-        _wait_for(lambda: not _alive(tree_b), 30, "attempt B's msrun to stop")
+        wait_for(lambda: not alive(tree_b), 30, "attempt B's msrun to stop")
         stopped_after = time.monotonic() - stolen_at
         out_b = b.finish(timeout=300)
     finally:

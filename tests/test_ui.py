@@ -28,6 +28,7 @@ from testkit.airflow_services import AirflowServices
 from testkit.clips import ensure_clip
 from testkit.demo_clips import DAG_SPECS, PARTITION_SPECS
 from testkit.partition import upload_partition
+from testkit.process import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 KEY = "2026-11-19"
@@ -153,16 +154,6 @@ def _ti(af, run_id: str) -> dict:
     return af.api("GET", f"/api/v2/dags/caption_drill/dagRuns/{quoted}/taskInstances/caption")
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _caption_procs() -> list[psutil.Process]:
     out = []
     for p in psutil.Process().children(recursive=True):
@@ -198,7 +189,7 @@ def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_
             seen.setdefault(p.pid, p)
         return parts() >= 2
 
-    _wait(running, 600, "try 1 to journal two parts")
+    wait_for(running, 600, "try 1 to journal two parts")
     af.api("PATCH", f"/api/v2/dags/caption_drill/dagRuns/{quoted}/taskInstances/caption", {"new_state": "failed"})
     marked_at = time.monotonic()
 
@@ -207,7 +198,7 @@ def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_
             seen.setdefault(p.pid, p)
         return not [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    _wait(all_gone, 60, "msrun and every rank to be gone")
+    wait_for(all_gone, 60, "msrun and every rank to be gone")
     print(f"marked failed -> caption tree gone in {time.monotonic() - marked_at:.1f}s ({len(seen)} processes)")
     assert len(seen) >= 3  # msrun and both ranks were seen
 
@@ -225,7 +216,7 @@ def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_
     # clear the task: try 2 resumes from the journal
     af.api("POST", "/api/v2/dags/caption_drill/clearTaskInstances",
            {"dry_run": False, "dag_run_id": run_id, "task_ids": ["caption"], "only_failed": True})
-    _wait(lambda: _ti(af, run_id)["state"] == "success", 900, "try 2 to succeed")
+    wait_for(lambda: _ti(af, run_id)["state"] == "success", 900, "try 2 to succeed")
     out = pd.read_csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="marked/captions.csv")["Body"].read()),
                       dtype=str, keep_default_na=False)
     assert out["path"].tolist() == [r.path for r in rows]
