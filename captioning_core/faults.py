@@ -4,7 +4,8 @@ Syntax: comma-separated ``kind@rank:arg``. Kinds:
 - ``sigkill@R:N``   rank R SIGKILLs itself after it has journaled N rows in this attempt (the rank then
                     flushes its journal after every batch, so the kill lands exactly there).
 - ``oom@R:r1+r2``   on rank R, any generate call that includes row r1 or r2 raises MemoryError.
-- ``slow@R:S``      rank R sleeps S seconds after each journal flush (to widen race windows).
+- ``slow@R:S``      rank R sleeps S seconds after each batch, flushing its journal after every batch (to
+                    widen race windows: a kill drill sees rows journaled while the rank is still busy).
 - ``runtime@R``     every generate call on rank R raises RuntimeError (a device or model-runtime fault:
                     transient, so the rows are retried by the next attempt).
 - ``crash_publish@R`` rank R SIGKILLs itself while publishing, after summary and gallery, before the output.
@@ -68,6 +69,11 @@ class FaultPlan:
             else:
                 raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
         return plan
+
+    @property
+    def flushes_every_batch(self) -> bool:
+        """Kill and slow-down drills need each batch journaled at once (an exact kill point, parts to see)."""
+        return self.kill_after_rows is not None or self.sleep_per_batch > 0
 
     def before_generate(self, rows: list[int]) -> None:
         hit = self.oom_rows.intersection(rows)

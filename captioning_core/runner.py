@@ -250,8 +250,7 @@ class RankRunner:
     def _caption_rows(self, prepared: Iterator[Prepared], count: int, previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
         cfg = self.cfg
-        # A kill drill needs an exact kill point: with a sigkill fault every batch is flushed at once.
-        flush_rows = 1 if self.faults.kill_after_rows is not None else cfg.journal_flush_rows
+        flush_rows = 1 if self.faults.flushes_every_batch else cfg.journal_flush_rows
         writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
                                gallery.gallery_prefix(cfg.output), flush_rows, cfg.journal_flush_seconds)
         progress = Progress(self.info, count, cfg.log_every)
