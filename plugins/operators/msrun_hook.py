@@ -338,6 +338,11 @@ class MsrunHook(BaseHook):
         """Once every rank has exited (or at the deadline, SIGKILLing what is left), SIGKILL msrun."""
         import psutil
 
+        # Said at once, from this thread (not the signal handler): when Airflow's supervisor stops the task it
+        # SIGKILLs the task 5 s after its SIGTERM, which may come before run() can raise with this reason.
+        self.log.error("msrun was stopped: %s; SIGTERM sent to %d ranks, SIGKILL after %gs", self.stop_reason,
+                       len(ranks), self.kill_grace)
+
         def alive(p) -> bool:
             try:
                 return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
