@@ -194,8 +194,10 @@ def test_execution_timeout_stops_the_ranks_gracefully_and_the_next_attempt_resum
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "timeout", clips)
     output = meta.replace("meta.csv", "captions.csv")
+    # Each rank pauses 15 s after each journaled batch, so the timeout lands while the ranks still have rows
+    # left, whether this machine is quiet (try 1 would otherwise finish first) or loaded.
     first = _drill_env(s3_server, tmp_path / "airflow-1", CAPTION_EXECUTION_TIMEOUT="45", CAPTION_KILL_GRACE="30",
-                       CAPTION_RETRIES="0")
+                       CAPTION_RETRIES="0", CAPTION_FAULTS="slow@0:15,slow@1:15")
     second = _drill_env(s3_server, tmp_path / "airflow-2")
     started = time.monotonic()
     with _TreeSampler() as sampler:
