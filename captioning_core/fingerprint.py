@@ -112,10 +112,3 @@ def describe(fp: dict) -> str:
     return (f"{fp.get('id')} ({fp.get('model')}, dtype {fp.get('dtype')}, question "
             f"{json.dumps(fp.get('prompt', {}).get('question'))}, {json.dumps(fp.get('generation'))})")
 
-
-def brief(fp: dict) -> dict:
-    """The fingerprint with the checkpoint's file list reduced to a count and total size (gallery page)."""
-    ckpt = fp.get("checkpoint", {})
-    files = ckpt.get("files", [])
-    return {**fp, "checkpoint": {"files": len(files), "bytes": sum(f["size"] for f in files),
-                                 **{k: v for k, v in ckpt.items() if k != "files"}}}

@@ -66,11 +66,6 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_term)
 
 
-def stop_requested() -> bool:
-    """True once the rank got SIGTERM."""
-    return bool(_stop["requested"])
-
-
 def raise_if_stopped() -> None:
     """Between batches: after SIGTERM, stop taking work (``GracefulStop``; the caller's ``finally`` flushes)."""
     if _stop["requested"] and not _stop["raised"]:
