@@ -28,8 +28,22 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 
 
+class DagWaits:
+    """``wait_for_dag`` for a harness with ``api(method, path)`` and ``tail(component)``."""
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.api("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except urllib.error.HTTPError:
+                time.sleep(2)
+        raise RuntimeError(f"DAG {dag_id} never appeared: {self.tail('dag-processor')}")
+
+
 @dataclass
-class AirflowServices:
+class AirflowServices(DagWaits):
     env: AirflowEnv
     pg_uri: str | None = None  # Airflow's own metadata DB; None keeps the env's SQLite (view-only use)
     components: tuple[str, ...] = COMPONENTS
@@ -135,16 +149,6 @@ class AirflowServices:
         if status >= 400:
             raise urllib.error.HTTPError(f"{self.base_url}{path}", status, str(value)[:500], None, None)
         return value
-
-    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.api("GET", f"/api/v2/dags/{dag_id}")
-                return
-            except urllib.error.HTTPError:
-                time.sleep(2)
-        raise RuntimeError(f"DAG {dag_id} never appeared: {self.tail('dag-processor')}")
 
     def trigger(self, dag_id: str, logical_date: str, conf: dict) -> str:
         self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testkit.airflow_env import REPO, AirflowEnv
+from testkit.airflow_services import DagWaits
 from testkit.ports import free_port
 from testkit.process import stop_process_group, tail
 
@@ -92,7 +93,7 @@ def pool_size(hosts: list[Host]) -> int:
 
 
 @dataclass
-class AirflowCluster:
+class AirflowCluster(DagWaits):
     env: AirflowEnv
     pg_uri: str  # Airflow's own metadata DB (postgresql://...)
     broker_url: str  # redis://:password@127.0.0.1:port/0
@@ -218,16 +219,6 @@ class AirflowCluster:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
             return json.loads(raw) if raw and resp.headers.get_content_type() == "application/json" else raw
-
-    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.api("GET", f"/api/v2/dags/{dag_id}")
-                return
-            except urllib.error.HTTPError:
-                time.sleep(2)
-        raise RuntimeError(f"DAG {dag_id} never appeared: {self.tail('dag-processor')}")
 
     def trigger(self, dag_id: str, partition_key: str, conf: dict) -> str:
         """A manual run for one partition key (what the trigger form does)."""

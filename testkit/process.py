@@ -171,3 +171,21 @@ def alive(procs) -> list:
         except psutil.Error:
             continue
     return out
+
+
+def caption_processes(root_pid: int | None = None) -> list:
+    """msrun and caption-script processes under ``root_pid`` (default: this process), as psutil processes."""
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in children:
+        try:
+            if any("msrun" in part or "caption_qwen2vl.py" in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out

@@ -26,7 +26,7 @@ import pytest
 
 from operators.lease import LeaseHeldError, S3Lease, process_start
 from testkit.airflow_env import REPO, TINY_CAPTION_OPTIONS, AirflowEnv
-from testkit.process import alive, wait_for
+from testkit.process import alive, caption_processes, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -128,21 +128,6 @@ DAGS = Path(__file__).resolve().parent / "airflow_dags"
 DATE = "2026-11-24"
 
 
-def _msruns_under(pid: int) -> list[psutil.Process]:
-    out = []
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in children:
-        try:
-            if any("msrun" in part or "caption_qwen2vl.py" in part for part in p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
 class _Attempt:
     """One `airflow dags test` in the background, its output drained (a full pipe would stall it)."""
 
@@ -200,7 +185,7 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     env_a, a = start("airflow-a")
     try:
         wait_for(lambda: parts() >= 1, 400, "attempt A's first journal part")
-        tree_a = _msruns_under(a.pid)
+        tree_a = caption_processes(a.pid)
         assert tree_a
         os.kill(a.pid, signal.SIGKILL)
         a.finish(timeout=10)
@@ -214,8 +199,8 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     try:
         body = wait_for(lambda: _lease_holder(client, s3_bucket, lease_key, b.pid), 120, "B to take the lease")
         before = parts()
-        wait_for(lambda: _msruns_under(b.pid) and parts() > before, 400, "attempt B captioning")
-        tree_b = _msruns_under(b.pid)
+        wait_for(lambda: caption_processes(b.pid) and parts() > before, 400, "attempt B captioning")
+        tree_b = caption_processes(b.pid)
         # 3. the lease is stolen (another deployment's attempt, a clock gone wrong): B must stop
         thief = {"token": "thief", "expires_at": time.time() + 25}
         client.put_object(Bucket=s3_bucket, Key=lease_key, Body=json.dumps(thief).encode())

@@ -28,7 +28,7 @@ from testkit.airflow_services import AirflowServices
 from testkit.clips import ensure_clip
 from testkit.demo_clips import DAG_SPECS, PARTITION_SPECS
 from testkit.partition import upload_partition
-from testkit.process import wait_for
+from testkit.process import caption_processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 KEY = "2026-11-19"
@@ -154,17 +154,6 @@ def _ti(af, run_id: str) -> dict:
     return af.api("GET", f"/api/v2/dags/caption_drill/dagRuns/{quoted}/taskInstances/caption")
 
 
-def _caption_procs() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("msrun" in part or "caption_qwen2vl.py" in part for part in p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
 def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_try_resumes(ui, s3_server,
                                                                                            s3_bucket, tmp_path):
     import io
@@ -185,7 +174,7 @@ def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_
     seen: dict[int, psutil.Process] = {}
 
     def running() -> bool:
-        for p in _caption_procs():
+        for p in caption_processes():
             seen.setdefault(p.pid, p)
         return parts() >= 2
 
@@ -194,7 +183,7 @@ def test_task_marked_failed_through_the_api_stops_msrun_gracefully_and_the_next_
     marked_at = time.monotonic()
 
     def all_gone() -> bool:
-        for p in _caption_procs():
+        for p in caption_processes():
             seen.setdefault(p.pid, p)
         return not [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
