@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPECS = PARTITION_SPECS[:8]  # 240p to 720p, portrait and landscape, 1-3 s, 24-30 fps
 MODEL_ARGS = {
     "qwen2vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
+    "qwen2_5vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
     "pllava": ["--pooling_shape", "4-4-4"],  # what the tiny PLLaVA was trained with
 }
 
@@ -32,7 +33,7 @@ MODEL_ARGS = {
 def _captions(model: str, meta: Path, bs: int, out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")])}
     proc = subprocess.run(
-        [sys.executable, "-m", f"captioning_core.caption_{model}", str(meta), "--pretrained_model_name_or_path",
+        [sys.executable, "-m", "captioning_core.caption", model, str(meta), "--pretrained_model_name_or_path",
          str(REPO / "tiny_models" / model), "--device_target", "CPU", "--max_new_tokens", "12", "--bs", str(bs),
          "--output", str(out), *MODEL_ARGS[model]],
         env=env, capture_output=True, text=True, timeout=900)
@@ -41,7 +42,7 @@ def _captions(model: str, meta: Path, bs: int, out: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("model", ["qwen2vl", "pllava"])
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen2_5vl", "pllava"])
 def test_captions_at_bs8_equal_bs1(model, clip_dir, tmp_path):
     rows = [Row(str(ensure_clip(spec, clip_dir)), spec) for spec in SPECS]
     meta = tmp_path / "meta.csv"

@@ -199,7 +199,17 @@ class Qwen2VLCaptioner(Captioner):
         check_model_dir(self.model_dir, self.required_files)
         runtime.import_mindnlp()
         from mindnlp import transformers
-        from mindnlp.transformers import AutoTokenizer
+
+        self.setup_prompt()
+        self.model = getattr(transformers, self.model_class).from_pretrained(
+            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
+            use_safetensors=not pickled_weights_allowed())
+        self.model.eval()
+        log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
+
+    def setup_prompt(self) -> None:
+        """Tokenizer and chat prompt, without the model (``setup`` calls it after importing mindnlp)."""
+        from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         self.tokenizer.padding_side = "left"
@@ -213,11 +223,10 @@ class Qwen2VLCaptioner(Captioner):
         if prompt.count(VIDEO_TOKEN) != 1:
             raise ValueError(f"chat template must place exactly one {VIDEO_TOKEN}; got {prompt!r}")
         self._prompt_head, _, self._prompt_tail = prompt.partition(VIDEO_TOKEN)
-        self.model = getattr(transformers, self.model_class).from_pretrained(
-            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
-            use_safetensors=not pickled_weights_allowed())
-        self.model.eval()
-        log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
+
+    def prompt_for_template(self) -> str:
+        """The chat prompt with its one video placeholder unexpanded (what a Hugging Face processor expands)."""
+        return self._prompt_head + VIDEO_TOKEN + self._prompt_tail
 
     def prompt_for(self, item: PreparedVideo) -> str:
         """The chat prompt with the one video placeholder expanded to the video's token count."""

@@ -22,6 +22,7 @@ with DAG(
     render_template_as_native_obj=True,
     params={
         "meta_path": Param(type="string"),
+        "model": Param("qwen2vl", type="string"),
         "output_uri": Param(type="string"),
         "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", ""), type="string"),
         "caption_options": Param({}, type="object"),
@@ -32,6 +33,7 @@ with DAG(
     AscendCaptionOperator(
         task_id="caption",
         meta_path="{{ params.meta_path }}",
+        model="{{ params.model }}",
         output_uri="{{ params.output_uri }}",
         model_dir="{{ params.model_dir }}",
         caption_options="{{ params.caption_options }}",
