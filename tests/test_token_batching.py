@@ -9,6 +9,7 @@ tests/test_batching.py.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -152,6 +153,11 @@ def test_default_batches_similar_lengths_and_every_row_gets_its_own_caption(tmp_
     assert stats.prefill_tokens == sum(len(c) * max(c) for c in calls)
     assert stats.padding_tokens == sum(len(c) * max(c) - sum(c) for c in calls)
     assert stats.to_dict()["padding_share"] <= 0.1 and stats.to_dict()["output_tokens_per_second"] > 0
+    summary = json.loads(Path(cfg.summary_uri).read_text())
+    assert summary["output_tokens_per_row"] == 1.0  # the colour captioner's captions are one token each
+    assert summary["output_tokens_per_second_per_rank"] == [round(stats.output_tokens_per_second, 2)]
+    index = Path(f"{cfg.output}.gallery/index.html").read_text()
+    assert "output tokens/row" in index and f"<b>{summary['output_tokens_per_second_per_rank'][0]}</b>" in index
 
 
 def test_token_budget_and_bs_bound_every_batch(tmp_path, mixed, tokens):
