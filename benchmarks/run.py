@@ -23,6 +23,7 @@ printed as such, never hidden.
 9. batching by token budget (the default) on 64 clips of 2-20 s vs the seed-style loop at bs 1, the share
    of prefill tokens that is padding, and the runner's output tokens/s vs the model alone generating the
    same prepared batches back to back
+10. msrun's join loop: its CPU use with msrun as it is vs the hook's SCHED_IDLE join, and the ranks' rows/s
 """
 
 from __future__ import annotations
@@ -629,8 +630,50 @@ def bench_token_budget(work: Path) -> None:
            f"{ours['load']:.1f}s model load; alone {ours['alone_wall']:.1f}s)", ">= 0.9x", runner_tps / alone_tps >= 0.9)
 
 
+def bench_join_loop(work: Path, rounds: int = 2) -> None:
+    """Issue 14: msrun's join loop polls without sleeping. The same 2-worker job with msrun left as it is and
+    with the hook's SCHED_IDLE join, alternately: msrun's own CPU seconds, the ranks' rows/s and job time."""
+    from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port
+
+    clips = _clips(work / "clips", 16)
+    meta = work / "meta.csv"
+    meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for i in range(rounds):
+        for idle in ((False, True) if i % 2 == 0 else (True, False)):
+            out = work / f"out_{i}_{idle}.csv"
+            spec = MsrunSpec(str(REPO / "captioning_core" / "caption_qwen2vl.py"),
+                             [str(meta), "--pretrained_model_name_or_path", str(TINY), "--output", str(out),
+                              *TINY_ARGS], log_dir=str(work / f"log_{i}_{idle}"), worker_num=2, local_worker_num=2,
+                             master_port=pick_free_port(29600 + i * 10), idle_join=idle)
+            hook = MsrunHook(spec, line_sink=lambda line: None)
+            t = time.perf_counter()
+            hook.run()
+            wall = time.perf_counter() - t
+            ranks = json.loads(Path(f"{out}.summary.json").read_text())["ranks"]
+            runs[idle].append({"wall": wall, "msrun_cpu": hook.msrun_cpu_seconds, "policy": hook.join_policy,
+                               "rows_per_second": sum(r["rows_per_second"] for r in ranks),
+                               "generate": sum(r["busy_seconds"] for r in ranks) / sum(r["generate_calls"]
+                                                                                        for r in ranks)})
+
+    def med(idle: bool, key: str) -> float:
+        values = sorted(r[key] for r in runs[idle])
+        return values[len(values) // 2]
+
+    busy_cores = med(False, "msrun_cpu") / med(False, "wall")
+    idle_cores = med(True, "msrun_cpu") / med(True, "wall")
+    ratio = med(True, "rows_per_second") / med(False, "rows_per_second")
+    report("10 msrun join loop: CPU it takes, busy (msrun as is) vs SCHED_IDLE join (2 workers, 16 clips)",
+           f"msrun used {busy_cores:.2f} cores ({med(False, 'msrun_cpu'):.0f} CPU s in {med(False, 'wall'):.0f} s) vs "
+           f"{idle_cores:.2f} ({med(True, 'msrun_cpu'):.0f} CPU s in {med(True, 'wall'):.0f} s, "
+           f"{runs[True][0]['policy']}); ranks' rows/s {ratio:.2f}x ({med(True, 'rows_per_second'):.2f} vs "
+           f"{med(False, 'rows_per_second'):.2f}), generate {med(True, 'generate'):.2f} vs "
+           f"{med(False, 'generate'):.2f} s per call; medians of {rounds}", "report", None)
+
+
 BENCHES = {1: bench_throughput, 3: bench_sampling, 4: bench_resume, 5: bench_million, 6: bench_parse,
-           7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget}
+           7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget,
+           10: bench_join_loop}
 
 
 def main() -> int:
