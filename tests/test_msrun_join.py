@@ -40,15 +40,19 @@ def _hook(tmp_path, name: str, env: dict, **spec) -> MsrunHook:
 
 def _policies(hook: MsrunHook, until: float) -> dict:
     """msrun's and the ranks' scheduling policies, seen while the job runs (after the join loop started)."""
-    seen: dict = {}
-    while time.monotonic() < until and not seen:
+    while time.monotonic() < until:
         if hook.proc is not None and hook.join_policy != "default":
-            ranks = [p for p in psutil.Process(hook.proc.pid).children(recursive=True)
-                     if "RANK_ID" in p.environ() and p.environ().get("MS_ROLE") != "MS_SCHED"]
-            seen = {"msrun": os.sched_getscheduler(hook.proc.pid),
-                    "ranks": sorted(os.sched_getscheduler(p.pid) for p in ranks)}
+            policies = []
+            for proc in psutil.Process(hook.proc.pid).children(recursive=True):
+                try:
+                    if proc.environ().get("MS_ROLE") == "MS_WORKER":
+                        policies.append(os.sched_getscheduler(proc.pid))
+                except (psutil.Error, OSError):  # the scheduler process exits at once
+                    continue
+            if len(policies) == 2:
+                return {"msrun": os.sched_getscheduler(hook.proc.pid), "ranks": sorted(policies)}
         time.sleep(0.2)
-    return seen
+    return {}
 
 
 def _run_watching(hook: MsrunHook) -> tuple[dict, BaseException | None]:
