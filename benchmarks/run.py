@@ -590,8 +590,8 @@ stats = RankRunner(cfg, RankInfo(0, 1), cap).run()
 texts = pd.read_csv({out!r}, dtype=str, keep_default_na=False)["text"].tolist()
 # the model alone: the same prepared batches, back to back, nothing else running in this process
 t = time.perf_counter(); alone_tokens = 0
-for batch in Recording.batches:
-    alone_tokens += sum(len(ids) for ids in cap.generate(batch))
+for batch in list(Recording.batches):
+    alone_tokens += sum(len(ids) for ids in Qwen2VLCaptioner.generate(cap, batch))
 alone = time.perf_counter() - t
 print(json.dumps({{"rows": stats.rows_processed, "wall": stats.wall_seconds, "calls": stats.generate_calls,
                   "sizes": [len(b) for b in Recording.batches], "tokens": stats.output_tokens,
