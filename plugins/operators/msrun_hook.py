@@ -161,6 +161,8 @@ class MsrunHook(BaseHook):
         self._tree: dict[int, object] = {}  # pid -> psutil.Process of everything msrun started
         self.msrun_cpu_seconds = 0.0  # msrun's own CPU time, sampled every second while it runs
         self.join_policy = "default"  # msrun's scheduling once its workers are up (see _idle_join)
+        self.join_cpu_start: tuple[float, float] | None = None  # (monotonic time, msrun CPU s) at the join
+        self.join_ended = 0.0  # monotonic time of the last CPU sample
 
     def build_argv(self) -> list[str]:
         s = self.spec
@@ -236,6 +238,7 @@ class MsrunHook(BaseHook):
             with contextlib.suppress(psutil.Error):
                 if msrun is not None:
                     self.msrun_cpu_seconds = sum(msrun.cpu_times()[:2])
+                    self.join_ended = time.monotonic()
             try:
                 return self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
@@ -259,12 +262,28 @@ class MsrunHook(BaseHook):
         else:
             self.log.info("[%s] %s", source, line)
 
+    @property
+    def join_cores(self) -> float | None:
+        """Cores msrun's join loop used on average (CPU seconds / wall seconds since it started)."""
+        if self.join_cpu_start is None or self.join_ended <= self.join_cpu_start[0]:
+            return None
+        return (self.msrun_cpu_seconds - self.join_cpu_start[1]) / (self.join_ended - self.join_cpu_start[0])
+
     def _pump_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
-            if JOIN_STARTED in line and self.spec.idle_join:
-                self._idle_join()
+            if JOIN_STARTED in line:
+                self._join_started()
             self._emit("msrun", line)
+
+    def _join_started(self) -> None:
+        """Note msrun's CPU seconds when its join loop starts (what follows is the loop's cost)."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            self.join_cpu_start = (time.monotonic(), sum(psutil.Process(self.proc.pid).cpu_times()[:2]))
+        if self.spec.idle_join:
+            self._idle_join()
 
     def _idle_join(self) -> None:
         """msrun's join loop polls its workers without sleeping (a core's worth of spinning, which the ranks
