@@ -213,3 +213,37 @@ def test_out_of_memory_batch_retries_row_by_row_lowers_the_budget_and_only_that_
     again = _run(cfg)  # the next attempt redoes exactly that row, and publishes
     assert again.rows_processed == 1 and TokenColourCaptioner.calls == [[max(tokens)]]
     assert _texts(cfg) == [("ok", spec.color) for _, spec in clips]
+
+
+# -- Qwen2-VL's prefill_tokens is the prompt the model gets -------------------------------------------------
+PREFILL_CHECK = """
+import json, sys
+from captioning_core import runtime
+runtime.setup_device("CPU")
+from captioning_core.config import RunConfig
+from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
+cfg = RunConfig(meta_path="m.csv", model="qwen2vl", pretrained_model_name_or_path=sys.argv[1], device_target="CPU",
+                model_options={"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136})
+cap = Qwen2VLCaptioner(cfg)
+cap.setup()
+items = [cap.prepare(path) for path in sys.argv[2:]]
+alone = [int(cap.model_inputs([item])["attention_mask"].sum()) for item in items]
+batch = cap.model_inputs(items)
+print(json.dumps({"reported": [cap.prefill_tokens(item) for item in items], "alone": alone,
+                  "in_batch": batch["attention_mask"].sum(axis=1).tolist(), "width": batch["input_ids"].shape[1]}))
+"""
+
+
+@pytest.mark.integration
+def test_qwen2vl_prefill_tokens_is_the_prompt_length_generate_gets(mixed):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    clips = [str(mixed[i][0]) for i in (0, 1, 2)]  # 1, 6 and 3 s
+    proc = subprocess.run([sys.executable, "-c", PREFILL_CHECK, str(repo / "tiny_models" / "qwen2vl"), *clips],
+                          capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(set(got["reported"])) == 3
+    assert got["reported"] == got["alone"] == got["in_batch"] and got["width"] == max(got["reported"])
