@@ -145,12 +145,12 @@ def take_batch(lengths: list[int | None], budget: int, cap: int | None,
     Longest first, then the next longest while the batch's padded prefill (videos x the longest) stays within
     ``budget``, the count within ``cap`` and the padding within ``max_padding`` of the batch's tokens; so a
     batch holds similar lengths and a long video never pads a batch of short ones. The longest video always
-    goes, alone if it is over the budget. Unknown lengths (None) batch by count alone, in pool order, at
-    most ``cap`` (one if no cap) at a time.
+    goes, alone if it is over the budget. With ``cap`` 1, or unknown lengths (None), videos go in pool (row)
+    order, at most ``cap`` (one if no cap) at a time.
     """
     if not lengths:
         return []
-    if any(n is None for n in lengths):
+    if cap == 1 or any(n is None for n in lengths):  # --bs 1 (the seed's loop) keeps row order
         return list(range(min(len(lengths), cap or 1)))
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     longest = lengths[order[0]]

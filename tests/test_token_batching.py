@@ -46,6 +46,7 @@ def test_take_batch_groups_the_longest_similar_lengths_within_budget_and_padding
 def test_take_batch_without_token_counts_batches_by_count_in_pool_order():
     assert take_batch([None, None, None], 10, None) == [0]  # no --bs: one video per call, as the seed
     assert take_batch([None, 5, None], 10, 2) == [0, 1]
+    assert take_batch([5, 9, 7], 100, 1) == [0]  # --bs 1: the seed's loop, in row order
 
 
 def test_take_batch_padding_never_exceeds_the_limit():
@@ -54,7 +55,11 @@ def test_take_batch_padding_never_exceeds_the_limit():
     rng = random.Random(7)
     for _ in range(200):
         pool = [rng.randint(1, 500) for _ in range(rng.randint(1, 40))]
-        picked = take_batch(pool, rng.randint(1, 5000), rng.choice([None, 1, 3, 8]), 0.1)
+        cap = rng.choice([None, 1, 3, 8])
+        picked = take_batch(pool, rng.randint(1, 5000), cap, 0.1)
+        if cap == 1:
+            assert picked == [0]
+            continue
         chosen = [pool[i] for i in picked]
         padded = len(chosen) * max(chosen)
         assert max(chosen) == max(pool)
