@@ -20,6 +20,10 @@ printed as such, never hidden.
 7. 2 msrun workers vs 1 on this machine
 8. cost of display handling (orientation, SAR, time-based VFR sampling) on upright CFR clips: the full
    sampling path vs the same decoder without it, side by side; and what a rotated clip costs
+9. batching by token budget (the default) on 64 clips of 2-20 s vs the seed-style loop at bs 1, the share
+   of prefill tokens that is padding, and the runner's output tokens/s vs the model alone generating the
+   same prepared batches back to back
+10. msrun's join loop: its CPU use with msrun as it is vs the hook's SCHED_IDLE join, and the ranks' rows/s
 """
 
 from __future__ import annotations
@@ -90,12 +94,13 @@ else:  # the seed's loop: one video at a time, decode then generate, nothing ove
     cap.setup()
     paths = pd.read_csv({meta!r})["path"].tolist()
     t0 = time.perf_counter(); busy = 0.0
+    texts = []
     for p in paths:
         item = cap.prepare(p)
-        t = time.perf_counter(); cap.decode(cap.generate([item])[0]); busy += time.perf_counter() - t
+        t = time.perf_counter(); texts.append(cap.decode(cap.generate([item])[0])); busy += time.perf_counter() - t
     wall = time.perf_counter() - t0
     print(json.dumps({{"rows": len(paths), "wall": wall, "busy": busy / wall, "decode": wall - busy,
-                      "calls": len(paths)}}))
+                      "calls": len(paths), "texts": texts}}))
 """
 
 
@@ -560,8 +565,115 @@ def bench_workers(work: Path) -> None:
            "report", None)
 
 
+TOKEN_BUDGET = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from captioning_core import runtime
+runtime.setup_device("CPU")
+import pandas as pd
+from captioning_core.cli import build_parser, config_from_args
+from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
+from captioning_core.runner import RankRunner
+from captioning_core.sharding import RankInfo
+
+class Recording(Qwen2VLCaptioner):
+    batches = []
+    def generate(self, batch):
+        Recording.batches.append(list(batch))
+        return super().generate(batch)
+
+args = build_parser("qwen2vl").parse_args([{meta!r}, "--pretrained_model_name_or_path", {model!r}, "--output", {out!r},
+                                           *{extra!r}])
+cfg = config_from_args("qwen2vl", args)
+cap = Recording(cfg)
+stats = RankRunner(cfg, RankInfo(0, 1), cap).run()
+texts = pd.read_csv({out!r}, dtype=str, keep_default_na=False)["text"].tolist()
+# the model alone: the same prepared batches, back to back, nothing else running in this process
+t = time.perf_counter(); alone_tokens = 0
+for batch in list(Recording.batches):
+    alone_tokens += sum(len(ids) for ids in Qwen2VLCaptioner.generate(cap, batch))
+alone = time.perf_counter() - t
+print(json.dumps({{"rows": stats.rows_processed, "wall": stats.wall_seconds, "calls": stats.generate_calls,
+                  "sizes": [len(b) for b in Recording.batches], "tokens": stats.output_tokens,
+                  "prefill": stats.prefill_tokens, "padding": stats.padding_tokens, "busy": stats.busy_seconds,
+                  "wait": stats.input_wait_seconds, "load": stats.load_seconds, "alone_wall": alone,
+                  "alone_tokens": alone_tokens, "texts": texts}}))
+"""
+
+
+def bench_token_budget(work: Path) -> None:
+    """Issue 14: the default (batches by token budget) on a partition of 2-20 s clips vs the seed-style loop
+    at bs 1; padding share; and the runner's output tokens/s vs the model alone on the same batches."""
+    from testkit.clips import ensure_clip
+    from testkit.demo_clips import MIXED_DURATION_SPECS
+
+    clips = [ensure_clip(spec, work / "clips") for spec in MIXED_DURATION_SPECS]
+    meta = work / "meta.csv"
+    meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
+    common = dict(repo=str(REPO), meta=str(meta), model=str(TINY))
+    seed = _python(THROUGHPUT.format(mode="seed", bs="1", out=str(work / "seed.csv"), extra=TINY_ARGS, **common))
+    ours = _python(TOKEN_BUDGET.format(out=str(work / "ours.csv"), extra=TINY_ARGS, **common))
+    seed_rate, our_rate = seed["rows"] / seed["wall"], ours["rows"] / ours["wall"]
+    same = sum(a == b for a, b in zip(ours["texts"], seed["texts"], strict=True))
+    report("9 token-budget default vs seed loop at bs 1, 64 clips of 2-20 s (tiny profile)",
+           f"{our_rate / seed_rate:.2f}x ({our_rate:.2f} vs {seed_rate:.2f} rows/s; {ours['calls']} generate calls "
+           f"of {ours['sizes']} videos vs {seed['calls']}; captions equal to the seed loop's on {same} of "
+           f"{len(clips)} rows)", ">= 5x", our_rate / seed_rate >= 5 and same == len(clips))
+    share = ours["padding"] / ours["prefill"]
+    report("9 padding share of prefill tokens (default)", f"{100 * share:.1f}% ({ours['padding']} of "
+           f"{ours['prefill']} tokens)", "<= 10%", share <= 0.10)
+    runner_tps, alone_tps = ours["tokens"] / ours["wall"], ours["alone_tokens"] / ours["alone_wall"]
+    report("9 runner output tokens/s vs the model alone on the same batches back to back",
+           f"{runner_tps / alone_tps:.2f}x ({runner_tps:.1f} vs {alone_tps:.1f} tokens/s; "
+           f"{ours['tokens'] / ours['rows']:.1f} tokens per row; runner wall {ours['wall']:.1f}s of which "
+           f"{ours['busy']:.1f}s in generate, {ours['wait']:.1f}s waiting for decoded videos after a "
+           f"{ours['load']:.1f}s model load; alone {ours['alone_wall']:.1f}s)", ">= 0.9x", runner_tps / alone_tps >= 0.9)
+
+
+def bench_join_loop(work: Path, rounds: int = 2) -> None:
+    """Issue 14: msrun's join loop polls without sleeping. The same 2-worker job with msrun left as it is and
+    with the hook's SCHED_IDLE join, alternately: msrun's own CPU seconds, the ranks' rows/s and job time."""
+    from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port
+
+    clips = _clips(work / "clips", 16)
+    meta = work / "meta.csv"
+    meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for i in range(rounds):
+        for idle in ((False, True) if i % 2 == 0 else (True, False)):
+            out = work / f"out_{i}_{idle}.csv"
+            spec = MsrunSpec(str(REPO / "captioning_core" / "caption_qwen2vl.py"),
+                             [str(meta), "--pretrained_model_name_or_path", str(TINY), "--output", str(out),
+                              *TINY_ARGS], log_dir=str(work / f"log_{i}_{idle}"), worker_num=2, local_worker_num=2,
+                             master_port=pick_free_port(29600 + i * 10), idle_join=idle)
+            hook = MsrunHook(spec, line_sink=lambda line: None)
+            t = time.perf_counter()
+            hook.run()
+            wall = time.perf_counter() - t
+            ranks = json.loads(Path(f"{out}.summary.json").read_text())["ranks"]
+            runs[idle].append({"wall": wall, "msrun_cpu": hook.msrun_cpu_seconds, "policy": hook.join_policy,
+                               "join_cores": hook.join_cores or 0.0,
+                               "rows_per_second": sum(r["rows_per_second"] for r in ranks),
+                               "generate": sum(r["busy_seconds"] for r in ranks) / sum(r["generate_calls"]
+                                                                                        for r in ranks)})
+
+    def med(idle: bool, key: str) -> float:
+        values = sorted(r[key] for r in runs[idle])
+        return values[len(values) // 2]
+
+    ratio = med(True, "rows_per_second") / med(False, "rows_per_second")
+    report("10 msrun join loop: CPU it takes, busy (msrun as is) vs SCHED_IDLE join (2 workers, 16 clips)",
+           f"join loop used {med(False, 'join_cores'):.2f} cores vs {med(True, 'join_cores'):.2f} "
+           f"(msrun in all: {med(False, 'msrun_cpu'):.0f} CPU s in {med(False, 'wall'):.0f} s vs "
+           f"{med(True, 'msrun_cpu'):.0f} CPU s in {med(True, 'wall'):.0f} s, "
+           f"{runs[True][0]['policy']}); ranks' rows/s {ratio:.2f}x ({med(True, 'rows_per_second'):.2f} vs "
+           f"{med(False, 'rows_per_second'):.2f}), generate {med(True, 'generate'):.2f} vs "
+           f"{med(False, 'generate'):.2f} s per call; medians of {rounds}", "report", None)
+
+
 BENCHES = {1: bench_throughput, 3: bench_sampling, 4: bench_resume, 5: bench_million, 6: bench_parse,
-           7: bench_workers, 8: bench_display_overhead}
+           7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget,
+           10: bench_join_loop}
 
 
 def main() -> int:

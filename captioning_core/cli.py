@@ -54,7 +54,13 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     parser.add_argument("--question", default=_default("question"), help="the caption prompt")
     parser.add_argument("--max_new_tokens", type=int, default=_default("max_new_tokens"),
                         help="caption length cap in tokens")
-    parser.add_argument("--bs", type=int, default=_default("bs"), help="videos per generate call")
+    parser.add_argument("--bs", type=int, default=_default("bs"),
+                        help="most videos per generate call (default: no cap, --batch_tokens decides; "
+                             "1 is the seed's one video per call)")
+    parser.add_argument("--batch_tokens", type=int, default=_default("batch_tokens"),
+                        help="most prefill tokens per generate call, video plus prompt, padding included; "
+                             "prefetched videos are grouped by token count so a batch holds similar lengths "
+                             "(a video over it still runs, alone)")
     parser.add_argument("--skip_if_existing", action="store_true",
                         help="exit at once, before loading any model, if the output already exists")
     parser.add_argument("--output", default=None,
@@ -100,7 +106,7 @@ def config_from_args(model: str, args: argparse.Namespace) -> RunConfig:
 
     return RunConfig(
         meta_path=args.meta_path, model=model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        question=args.question, max_new_tokens=args.max_new_tokens, bs=args.bs,
+        question=args.question, max_new_tokens=args.max_new_tokens, bs=args.bs, batch_tokens=args.batch_tokens,
         skip_if_existing=args.skip_if_existing, output=args.output, device_target=args.device_target,
         dtype=args.dtype, gather=args.gather, pad_length=args.pad_length,
         max_row_attempts=args.max_row_attempts, video_root=args.video_root, allowed_roots=args.allowed_roots,

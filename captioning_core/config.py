@@ -21,7 +21,8 @@ class RunConfig:
     pretrained_model_name_or_path: str
     question: str = "Describe the video in details"
     max_new_tokens: int = 200
-    bs: int = 1
+    bs: int | None = None  # most videos per generate call; None: no cap, ``batch_tokens`` decides (1: the seed)
+    batch_tokens: int = 16384  # most prefill tokens per generate call (videos + prompts, padding included)
     skip_if_existing: bool = False
     output: str | None = None
     device_target: str = "Ascend"
@@ -53,7 +54,9 @@ class RunConfig:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.gather not in GATHER_MODES:
             raise ValueError(f"--gather must be one of {GATHER_MODES}, got {self.gather!r}")
-        for name in ("max_new_tokens", "bs", "pad_length", "max_row_attempts", "prefetch_workers",
+        if self.bs is not None and int(self.bs) < 1:
+            raise ValueError(f"--bs must be >= 1, got {self.bs!r}")
+        for name in ("max_new_tokens", "batch_tokens", "pad_length", "max_row_attempts", "prefetch_workers",
                      "prefetch_batches", "prefetch_bytes", "journal_flush_rows", "max_consecutive_errors"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")

@@ -113,7 +113,10 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
     cards = [("rows", summary.get("rows", len(rows))), ("captioned", summary.get("captioned", 0)),
              ("failed", summary.get("failed", 0)), ("skipped (done before)", summary.get("skipped", 0)),
              ("flagged", flagged), ("rows/s", summary.get("rows_per_second", "-")),
-             ("model busy", summary.get("model_busy", "-"))]
+             ("model busy", summary.get("model_busy", "-")),
+             ("output tokens/row", summary.get("output_tokens_per_row") or "-"),
+             ("output tokens/s per rank", " / ".join(str(v) for v in summary.get("output_tokens_per_second_per_rank")
+                                                     or []) or "-")]
     head = "".join(f"<div><b>{html.escape(str(v))}</b>{html.escape(k)}</div>" for k, v in cards)
     fp = summary.get("fingerprint")
     settings = (f'<div class="fp" data-fingerprint="{html.escape(str(fp.get("id", "")))}">settings '

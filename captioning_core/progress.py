@@ -41,7 +41,11 @@ class Progress:
 
     def done(self, stats) -> None:
         log.info("rank %d/%d finished: %d captioned, %d failed, %.1f s, %.2f rows/s, model busy %.0f%%, "
-                 "decode %.3f s/row, waited %.1f s for decoded videos", self.info.rank, self.info.world_size,
-                 stats.captioned, stats.failed, stats.wall_seconds, stats.rows_per_second, 100 * stats.busy_fraction,
-                 stats.decode_seconds / stats.rows_processed if stats.rows_processed else 0.0,
-                 stats.input_wait_seconds)
+                 "decode %.3f s/row, waited %.1f s for decoded videos; %d generate calls, %d output tokens "
+                 "(%.1f per row, %.1f tokens/s), padding %.1f%% of %d prefill tokens", self.info.rank,
+                 self.info.world_size, stats.captioned, stats.failed, stats.wall_seconds, stats.rows_per_second,
+                 100 * stats.busy_fraction, stats.decode_seconds / stats.rows_processed if stats.rows_processed else 0.0,
+                 stats.input_wait_seconds, stats.generate_calls, stats.output_tokens,
+                 stats.output_tokens / stats.captioned if stats.captioned else 0.0, stats.output_tokens_per_second,
+                 100 * stats.padding_tokens / stats.prefill_tokens if stats.prefill_tokens else 0.0,
+                 stats.prefill_tokens)

@@ -31,13 +31,15 @@ from captioning_core.journal import STATUS_TRANSIENT, RowResult
 from captioning_core.metadata import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.models.base import Captioner
 from captioning_core.paths import resolve_video
-from captioning_core.prefetch import BytePrefetcher, nbytes
+from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes, take_batch
 from captioning_core.progress import Progress
 from captioning_core.publish import publish
 from captioning_core.sharding import RankInfo, rows_for_rank
 
 log = logging.getLogger(__name__)
 
+#: videos prepared ahead per batch when ``--bs`` sets no cap (prefetch_bytes and the token budget bound it)
+MAX_BATCH_VIDEOS = 256
 _OOM = re.compile(r"out of memory|allocate memory|memory allocation|\bOOM\b", re.IGNORECASE)
 
 
@@ -61,6 +63,9 @@ class RankStats:
     failed: int = 0
     transient: int = 0  # rows left for the next attempt after an environment error
     generate_calls: int = 0
+    output_tokens: int = 0  # new tokens of the captions this attempt generated
+    prefill_tokens: int = 0  # prompt tokens fed to generate, padding included (batches of known token counts)
+    padding_tokens: int = 0  # of which padding: shorter prompts left-padded to the batch's longest
     load_seconds: float = 0.0
     busy_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -82,6 +87,10 @@ class RankStats:
         return self.rows_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     @property
+    def output_tokens_per_second(self) -> float:
+        return self.output_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
     def needs_retry(self) -> bool:
         """This attempt left work for the next one: the process should exit non-zero."""
         return bool(self.transient or self.stopped_early)
@@ -96,6 +105,8 @@ class RankStats:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(busy_fraction=round(self.busy_fraction, 4), rows_per_second=round(self.rows_per_second, 4),
+                   output_tokens_per_second=round(self.output_tokens_per_second, 3),
+                   padding_share=round(self.padding_tokens / self.prefill_tokens, 4) if self.prefill_tokens else None,
                    decode_seconds_per_row=round(self.decode_seconds / self.rows_processed, 4)
                    if self.rows_processed else 0.0)
         return out
@@ -111,6 +122,7 @@ class Prepared:
     seconds: float = 0.0
     thumb: bytes | None = None
     nbytes: int = 0
+    tokens: int | None = None  # prefill tokens (captioner.prefill_tokens), None if unknown
 
 
 class JournalWriter:
@@ -247,8 +259,11 @@ class RankRunner:
         return False
 
     # -- the loop -------------------------------------------------------------------------------------
-    def _caption_rows(self, prepared: Iterator[Prepared], count: int, previous: dict,
+    def _caption_rows(self, fetcher: BytePrefetcher, count: int, previous: dict,
                       stats: RankStats) -> list[tuple[int, int, list[int]]]:
+        """Pool prepared videos, take batches of similar token counts from the pool (``take_batch``), generate,
+        journal. The pool is filled without waiting from what is already prepared, and waited for only while
+        it cannot make one full batch (``batch_tokens`` or ``bs`` reached) and rows remain."""
         cfg = self.cfg
         flush_rows = 1 if self.faults.flushes_every_batch else cfg.journal_flush_rows
         writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
@@ -256,38 +271,69 @@ class RankRunner:
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         self._consecutive = 0
+        self._budget = cfg.batch_tokens  # lowered after an out-of-memory batch
+        self._cap = cfg.bs
+        ahead = cfg.prefetch_batches + 1
+        pool: list[Prepared] = []
+        exhausted = False
         t0 = time.perf_counter()
         try:
-            batch: list[Prepared] = []
             while not stats.stopped_early:
                 runtime.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
-                waited = time.perf_counter()
-                prep = next(prepared, None)
-                stats.input_wait_seconds += time.perf_counter() - waited
-                if prep is None:
-                    break
-                stats.decode_seconds += prep.seconds
-                if prep.error:
-                    results = [self._failed(prep, prep.error, previous)]
-                    self._release([prep])
-                    writer.put(results)
-                    self._account(results, stats, progress, t0)
+                while not exhausted and not self._pool_full(pool, ahead):
+                    waited = time.perf_counter()
+                    got = fetcher.get(block=not self._pool_full(pool, 1))
+                    stats.input_wait_seconds += time.perf_counter() - waited
+                    if got is NOT_READY:
+                        break
+                    if got is None:
+                        exhausted = True
+                        break
+                    prep = got[0]
+                    stats.decode_seconds += prep.seconds
+                    if prep.error:
+                        results = [self._failed(prep, prep.error, previous)]
+                        self._release([prep])
+                        writer.put(results)
+                        self._account(results, stats, progress, t0)
+                        if stats.stopped_early:
+                            break
+                        continue
+                    prep.tokens = self._tokens(prep)
+                    pool.append(prep)
+                if not pool or stats.stopped_early:
+                    if exhausted or stats.stopped_early:
+                        break
                     continue
-                batch.append(prep)
-                if len(batch) >= cfg.bs:
-                    results = self._caption_batch(batch, previous, stats, gathered)
-                    writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
-                    self._account(results, stats, progress, t0)
-                    batch = []
-            if batch and not stats.stopped_early:
+                picked = set(take_batch([p.tokens for p in pool], self._budget, self._cap))
+                batch = [p for i, p in enumerate(pool) if i in picked]
+                pool = [p for i, p in enumerate(pool) if i not in picked]
                 results = self._caption_batch(batch, previous, stats, gathered)
                 writer.put(results, {p.row: p.thumb for p in batch if p.thumb})
                 self._account(results, stats, progress, t0)
         finally:
+            self._release(pool)  # rows never generated stay pending for the next attempt
             writer.close()
         stats.wall_seconds = time.perf_counter() - t0
         progress.done(stats)
         return gathered
+
+    def _tokens(self, prep: Prepared) -> int | None:
+        try:
+            tokens = self.captioner.prefill_tokens(prep.item)
+        except Exception as err:  # batching by count still works
+            log.warning("rank %d: row %d: no token count (%s)", self.info.rank, prep.row, short_error(err))
+            return None
+        return None if tokens is None else int(tokens)
+
+    def _pool_full(self, pool: list[Prepared], batches: int) -> bool:
+        """The pool holds ``batches`` batches' worth of videos (by tokens, or by ``--bs``)."""
+        if not pool:
+            return False
+        if any(p.tokens is None for p in pool):
+            return len(pool) >= (self._cap or 1) * batches
+        return (sum(p.tokens for p in pool) >= self._budget * batches
+                or (self._cap is not None and len(pool) >= self._cap * batches))
 
     def _account(self, results: list[RowResult], stats: RankStats, progress: Progress, t0: float) -> None:
         stats.rows_processed += len(results)
@@ -311,22 +357,18 @@ class RankRunner:
         progress.update(stats)
 
     @contextlib.contextmanager
-    def _prefetched(self, partition: Partition, rows: list[int], stats: RankStats) -> Iterator[Iterator[Prepared]]:
+    def _prefetched(self, partition: Partition, rows: list[int], stats: RankStats) -> Iterator[BytePrefetcher]:
         """Prepared videos in row order. Decoding starts on entry (so it overlaps the model load); afterwards up
         to ``prefetch_batches`` batches decode ahead, within ``prefetch_bytes`` of prepared tensors."""
         paths = partition.paths
         cache_dir = tempfile.mkdtemp(prefix="caption-cache-")
+        per_batch = self.cfg.bs or MAX_BATCH_VIDEOS  # without --bs, the bytes and the token budget bound it
         fetcher = BytePrefetcher(rows, lambda row: self._prepare_one(row, paths[row], cache_dir),
                                  lambda prep: prep.nbytes, self.cfg.prefetch_bytes,
-                                 self.cfg.bs * (self.cfg.prefetch_batches + 1), self.cfg.prefetch_workers)
+                                 per_batch * (self.cfg.prefetch_batches + 1), self.cfg.prefetch_workers)
         self._fetcher = fetcher
-
-        def in_order() -> Iterator[Prepared]:
-            for prep, _ in fetcher:
-                yield prep
-
         try:
-            yield in_order()
+            yield fetcher
         finally:
             fetcher.close()
             stats.prefetch_peak_bytes = fetcher.peak
@@ -379,17 +421,34 @@ class RankRunner:
                 return [self._result(batch[0], STATUS_TRANSIENT, "", short_error(err), previous)]
             log.warning("rank %d: batch of %d failed (%s); retrying one row at a time",
                         self.info.rank, len(batch), "out of memory" if is_oom(err) else short_error(err))
+            if is_oom(err):
+                self._lower_budget(batch)
             results = []
             for prep in batch:
                 results.extend(self._caption_batch([prep], previous, stats, gathered))
             return results
         self._release(batch)
+        stats.output_tokens += sum(len(row_ids) for row_ids in ids)
         results = []
         for prep, row_ids in zip(batch, ids, strict=True):
             gathered.append((prep.row, 1, row_ids))
             results.append(self._result(prep, STATUS_OK, self.captioner.decode(row_ids), "", previous,
                                         tokens=len(row_ids)))
         return results
+
+    def _lower_budget(self, batch: list[Prepared]) -> None:
+        """An out-of-memory batch: later batches of this run get at most half its size (tokens, or videos
+        when token counts are unknown), so the rank does not pay a failed batch and a row-by-row retry again
+        and again."""
+        if all(p.tokens is not None for p in batch):
+            padded = len(batch) * max(p.tokens for p in batch)
+            self._budget = min(self._budget, max(1, padded // 2))
+            what = f"token budget {self._budget}"
+        else:
+            self._cap = max(1, min(self._cap or len(batch), len(batch) // 2))
+            what = f"at most {self._cap} videos per batch"
+        log.warning("rank %d: out of memory on a batch of %d: %s for the rest of this run", self.info.rank,
+                    len(batch), what)
 
     def _generate(self, batch: list[Prepared], stats: RankStats) -> list[list[int]]:
         self.faults.before_generate([p.row for p in batch])
@@ -399,6 +458,10 @@ class RankRunner:
         finally:
             stats.busy_seconds += time.perf_counter() - started
             stats.generate_calls += 1
+            if all(p.tokens is not None for p in batch):
+                padded = len(batch) * max(p.tokens for p in batch)
+                stats.prefill_tokens += padded
+                stats.padding_tokens += padded - sum(p.tokens for p in batch)
 
     def _result(self, prep: Prepared, status: str, text: str, error: str, previous: dict,
                 tokens: int = 0) -> RowResult:

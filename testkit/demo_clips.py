@@ -30,3 +30,10 @@ DAG_SPECS = (
 SMALL_SPECS = tuple(ClipSpec(c, "left") for c in ("red", "green", "blue", "yellow"))
 
 DEMO_SPECS = tuple(dict.fromkeys(PARTITION_SPECS + DAG_SPECS + SMALL_SPECS))
+
+# The token-batching partition (tests/test_batching.py, benchmark 9): 64 clips of 2 to 20 s, durations
+# interleaved so neighbouring rows differ in length (32 to 320 video tokens at the tiny profile: 112x112, 2 fps).
+MIXED_DURATION_SPECS = tuple(
+    ClipSpec(("red", "green", "blue", "yellow")[i % 4], ("left", "right", "up", "down")[(i // 4) % 4],
+             ("square", "circle")[(i // 16) % 2], 320, 240, 25, float(2 + (i * 7) % 19), 25)
+    for i in range(64))

@@ -16,7 +16,7 @@ from captioning_core.models import CAPTIONERS, captioner_class
 SEED_ARGS = ["--pretrained_model_name_or_path", "--question", "--max_new_tokens", "--height", "--width", "--fps",
              "--bs", "--skip_if_existing", "--output", "--device_target", "--gather", "--pad_length"]
 # a value different from the default for each option, to show it changes the run
-CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "max_new_tokens": "17", "bs": "3",
+CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "max_new_tokens": "17", "bs": "3", "batch_tokens": "4096",
            "output": "s3://b/o.csv", "device_target": "CPU", "dtype": "bfloat16", "gather": "allgather",
            "pad_length": "512", "max_row_attempts": "5", "video_root": "s3://b/v", "allowed_roots": "s3://b/",
            "prefetch_workers": "4", "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336",

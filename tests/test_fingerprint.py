@@ -16,7 +16,7 @@ from tests.test_cli import CHANGED
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tiny_models" / "qwen2vl"
 # Options that change how fast or where a run goes, never the caption a row is meant to get.
-SPEED_ONLY = {"bs", "output", "device_target", "gather", "pad_length", "max_row_attempts", "video_root",
+SPEED_ONLY = {"bs", "batch_tokens", "output", "device_target", "gather", "pad_length", "max_row_attempts", "video_root",
               "allowed_roots", "prefetch_workers", "prefetch_batches", "log_every", "prefetch_bytes",
               "journal_flush_rows", "journal_flush_seconds", "max_consecutive_errors", "skip_if_existing"}
 

@@ -37,7 +37,7 @@ def test_seed_arguments_and_defaults():
     args = parser.parse_args(["meta.csv"])
     assert (args.num_frames, args.pooling_shape, args.num_beams, args.temperature) == (4, (16, 12, 12), 1, 1.0)
     assert (args.use_lora, args.weight_dir, args.conv_mode) == (False, None, "plain")
-    assert (args.max_new_tokens, args.pad_length, args.bs, args.skip_if_existing) == (200, 4096, 1, False)
+    assert (args.max_new_tokens, args.pad_length, args.bs, args.skip_if_existing) == (200, 4096, None, False)
     assert args.pretrained_model_name_or_path == "./pretrained_models/pllava"
     cfg = config_from_args("pllava", parser.parse_args(
         ["m.csv", "--pooling_shape", "(4,12,12)", "--num_frames", "8", "--use_lora", "--weight_dir", "/w",

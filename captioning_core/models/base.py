@@ -62,6 +62,12 @@ class Captioner(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """Caption text for one row's token ids."""
 
+    def prefill_tokens(self, item: Any) -> int | None:
+        """Prompt tokens of one prepared video as ``generate`` feeds it (video tokens plus the text around
+        them), for batching by token budget; called after ``setup``. None: unknown, and the runner then
+        batches by video count only (``--bs``, one video per call if that is unset)."""
+        return None
+
     def thumbnail_frames(self, item: Any):
         """A few uint8 (T, H, W, 3) frames of a prepared video for the gallery, or None."""
         return getattr(item, "thumb_frames", None)

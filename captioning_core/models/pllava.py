@@ -325,6 +325,10 @@ class PllavaCaptioner(Captioner):
                  config.num_video_tokens,
                  f" (each frame repeated {frames_out / frames_in:g}x)" if frames_out > frames_in else "")
 
+    def prefill_tokens(self, item: PreparedVideo) -> int:
+        """Every video pools to the same number of tokens, which replace the prompt's one ``<image>``."""
+        return len(self.prompt_ids) - 1 + self.model.config.num_video_tokens
+
     def generation_kwargs(self) -> dict:
         """Arguments for HF generate: greedy or beam search; seeded sampling when --temperature != 1."""
         from transformers import LogitsProcessorList

@@ -232,6 +232,14 @@ class Qwen2VLCaptioner(Captioner):
         """The chat prompt with the one video placeholder expanded to the video's token count."""
         return self._prompt_head + VIDEO_TOKEN * item.num_tokens + self._prompt_tail
 
+    def prefill_tokens(self, item: PreparedVideo) -> int:
+        """The length of ``prompt_for(item)`` in tokens: the video's tokens plus the chat text around them
+        (tokenized once: the special video tokens split the text, so the rest does not depend on the video)."""
+        if getattr(self, "_text_tokens", None) is None:
+            ids = self.tokenizer(self._prompt_head + VIDEO_TOKEN + self._prompt_tail)["input_ids"]
+            self._text_tokens = len(ids) - 1
+        return self._text_tokens + item.num_tokens
+
     def model_inputs(self, batch: list[PreparedVideo]) -> dict[str, np.ndarray]:
         """The batch as the model's keyword arguments, in numpy: left-padded prompts, patches, grids.
 

@@ -431,13 +431,18 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
         busy = sum(s.get("busy_seconds", 0.0) for s in this_try)
         decoded = sum(s.get("rows_processed", 0) for s in this_try)
+        tokens = sum(s.get("output_tokens", 0) for s in this_try)
+        generated = sum(s.get("captioned", 0) for s in this_try)
         return {"output": self.output_uri, "rows": summary["rows"], "captioned": summary["captioned"],
                 "failed": summary["failed"], "empty": summary.get("empty", 0), "skipped": skipped,
                 "launched": launched, "model_busy": round(busy / wall, 4) if wall else None,
                 "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in this_try), 4),
                 "decode_seconds_per_row": round(sum(s.get("decode_seconds", 0.0) for s in this_try) / decoded, 4)
                 if decoded else None,
-                "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3)}
+                "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3),
+                "output_tokens_per_row": round(tokens / generated, 2) if generated else None,
+                "output_tokens_per_second_per_rank": [round(s.get("output_tokens_per_second", 0.0), 2)
+                                                      for s in sorted(this_try, key=lambda s: s["rank"])]}
 
     def on_kill(self) -> None:
         """Called by the task runner from its SIGTERM handler (and after execution_timeout): only signals."""

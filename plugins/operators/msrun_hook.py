@@ -26,6 +26,7 @@ passes; never the worker's Airflow configuration (``AIRFLOW__*``: Fernet key, da
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
@@ -41,6 +42,8 @@ from pathlib import Path
 from airflow.sdk import BaseHook
 
 _PR_SET_PDEATHSIG = 1
+#: what msrun (mindspore.parallel.cluster) logs once every process is spawned, right before its join loop
+JOIN_STARTED = "Waiting all processes to exit"
 # msrun hands log_dir to os.system() when a worker fails, so only plain path characters are allowed.
 _SAFE_LOG_DIR = re.compile(r"^[A-Za-z0-9_./=+-]+$")
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -64,6 +67,7 @@ class MsrunSpec:
     node_rank: int = -1
     join: bool = True
     cluster_time_out: int = 600
+    idle_join: bool = True  # once the workers are spawned, msrun's join loop runs under SCHED_IDLE (see below)
 
     def __post_init__(self) -> None:
         if self.worker_num < 1 or not (1 <= self.local_worker_num <= self.worker_num):
@@ -155,6 +159,10 @@ class MsrunHook(BaseHook):
         self.stop_reason: str | None = None  # set by kill(); run() raises with it
         self._stopping = False
         self._tree: dict[int, object] = {}  # pid -> psutil.Process of everything msrun started
+        self.msrun_cpu_seconds = 0.0  # msrun's own CPU time, sampled every second while it runs
+        self.join_policy = "default"  # msrun's scheduling once its workers are up (see _idle_join)
+        self.join_cpu_start: tuple[float, float] | None = None  # (monotonic time, msrun CPU s) at the join
+        self.join_ended = 0.0  # monotonic time of the last CPU sample
 
     def build_argv(self) -> list[str]:
         s = self.spec
@@ -217,10 +225,20 @@ class MsrunHook(BaseHook):
         return code
 
     def _wait(self) -> int:
-        """Wait for msrun, noting every process it starts (so none can be left behind)."""
+        """Wait for msrun, noting every process it starts (so none can be left behind), and msrun's own CPU
+        seconds (``msrun_cpu_seconds``: its join loop's cost)."""
+        import psutil
+
         assert self.proc is not None
+        msrun = None
+        with contextlib.suppress(psutil.Error):
+            msrun = psutil.Process(self.proc.pid)
         while True:
             self._note_tree()
+            with contextlib.suppress(psutil.Error):
+                if msrun is not None:
+                    self.msrun_cpu_seconds = sum(msrun.cpu_times()[:2])
+                    self.join_ended = time.monotonic()
             try:
                 return self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
@@ -244,10 +262,47 @@ class MsrunHook(BaseHook):
         else:
             self.log.info("[%s] %s", source, line)
 
+    @property
+    def join_cores(self) -> float | None:
+        """Cores msrun's join loop used on average (CPU seconds / wall seconds since it started)."""
+        if self.join_cpu_start is None or self.join_ended <= self.join_cpu_start[0]:
+            return None
+        return (self.msrun_cpu_seconds - self.join_cpu_start[1]) / (self.join_ended - self.join_cpu_start[0])
+
     def _pump_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
+            if JOIN_STARTED in line:
+                self._join_started()
             self._emit("msrun", line)
+
+    def _join_started(self) -> None:
+        """Note msrun's CPU seconds when its join loop starts (what follows is the loop's cost)."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            self.join_cpu_start = (time.monotonic(), sum(psutil.Process(self.proc.pid).cpu_times()[:2]))
+        if self.spec.idle_join:
+            self._idle_join()
+
+    def _idle_join(self) -> None:
+        """msrun's join loop polls its workers without sleeping (a core's worth of spinning, which the ranks
+        lose on a small host). Once msrun says every process is spawned, the hook moves msrun, and only msrun,
+        to SCHED_IDLE: it then runs only on CPU time nobody else wants, and still sees a worker exit (and
+        stops the others) as before. Workers spawned earlier keep their policy; msrun is not changed
+        otherwise (nice 19 if SCHED_IDLE is refused)."""
+        assert self.proc is not None
+        try:
+            os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            self.join_policy = "SCHED_IDLE"
+        except OSError as err:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+                self.join_policy = "nice 19"
+            except OSError:
+                self.log.warning("could not lower msrun's join-loop priority: %s", err)
+                return
+        self.log.info("msrun's workers are up; its join loop now runs at %s", self.join_policy)
 
     def _rank_log(self, rank: int) -> Path:
         return Path(self.spec.log_dir) / f"worker_{rank}.log"
