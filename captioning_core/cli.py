@@ -1,9 +1,15 @@
-"""Command line of the caption scripts, seed-compatible (``caption_qwen2vl``, ``caption_pllava``).
+"""Command line of the caption scripts, seed-compatible (``caption_qwen2vl``, ``caption_pllava``), and
+``caption.py MODEL`` for every registered captioner.
 
 Runs the same way alone or under msrun, one process per rank::
 
     msrun --worker_num=2 --local_worker_num=2 --join=True --log_dir=msrun_log \\
         captioning_core/caption_qwen2vl.py /path/to/meta.csv
+    msrun ... captioning_core/caption.py qwen2_5vl /path/to/meta.csv
+
+Every default lives in one place: ``RunConfig`` for the shared options, each captioner's options dataclass
+for its own (``option_defaults``); the parser, its ``--help`` and the README's tables (``options_markdown``,
+checked by tests/test_cli.py) follow from them.
 
 S3 endpoint and credentials are read from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (this rank's rows are final; per-row data
@@ -26,7 +32,6 @@ from captioning_core.sharding import rank_from_env
 
 log = logging.getLogger("captioning_core.cli")
 
-DEFAULT_MODEL_DIRS = {"qwen2vl": "pretrained_models/Qwen2-VL-7B-Instruct", "pllava": "./pretrained_models/pllava"}
 EXIT_BAD_INPUT = 2
 EXIT_RETRY = 3
 
@@ -44,11 +49,12 @@ def build_parser(model: str) -> argparse.ArgumentParser:
         description=f"Caption every video of a meta partition with {model} (one process per msrun rank).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("meta_path", help="meta CSV with a 'path' column: local path or s3://bucket/key.csv")
-    parser.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL_DIRS[model],
+    parser.add_argument("--pretrained_model_name_or_path", default=captioner_class(model).default_model_dir,
                         help="local model directory in Hugging Face format")
-    parser.add_argument("--question", default="Describe the video in details", help="the caption prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=200, help="caption length cap in tokens")
-    parser.add_argument("--bs", type=int, default=1, help="videos per generate call")
+    parser.add_argument("--question", default=_default("question"), help="the caption prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=_default("max_new_tokens"),
+                        help="caption length cap in tokens")
+    parser.add_argument("--bs", type=int, default=_default("bs"), help="videos per generate call")
     parser.add_argument("--skip_if_existing", action="store_true",
                         help="exit at once, before loading any model, if the output already exists")
     parser.add_argument("--output", default=None,
@@ -59,9 +65,9 @@ def build_parser(model: str) -> argparse.ArgumentParser:
                              "(default from $CAPTION_DEVICE_TARGET, else Ascend)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default float16 on Ascend, float32 on CPU)")
-    parser.add_argument("--gather", choices=GATHER_MODES, default="none",
+    parser.add_argument("--gather", choices=GATHER_MODES, default=_default("gather"),
                         help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")
-    parser.add_argument("--pad_length", type=int, default=4096,
+    parser.add_argument("--pad_length", type=int, default=_default("pad_length"),
                         help="token-id row width for --gather allgather")
     parser.add_argument("--max_row_attempts", type=int, default=_default("max_row_attempts"),
                         help="a row that hit a transient (environment) error is retried by later attempts until "
@@ -72,16 +78,19 @@ def build_parser(model: str) -> argparse.ArgumentParser:
                         help="base for relative video paths (default: the meta file's directory)")
     parser.add_argument("--allowed_root", action="append", default=[], dest="allowed_roots",
                         help="only read videos under this local dir or s3:// prefix (repeatable)")
-    parser.add_argument("--prefetch_workers", type=int, default=2, help="background decode threads")
-    parser.add_argument("--prefetch_batches", type=int, default=2, help="batches decoded ahead of the model")
+    parser.add_argument("--prefetch_workers", type=int, default=_default("prefetch_workers"),
+                        help="background decode threads")
+    parser.add_argument("--prefetch_batches", type=int, default=_default("prefetch_batches"),
+                        help="batches decoded ahead of the model")
     parser.add_argument("--prefetch_bytes", type=int, default=_default("prefetch_bytes"),
-                        help="most bytes of prepared tensors held ahead of the model (one video over it is "
-                             "still prepared, alone)")
+                        help="most bytes of prepared tensors held ahead of the model (a 4K 10-minute clip at the "
+                             "frame cap is ~0.6 GB of float32); one video over it is still prepared, alone")
     parser.add_argument("--journal_flush_rows", type=int, default=_default("journal_flush_rows"),
                         help="journal finished rows at least every this many rows (what a crash can lose)")
     parser.add_argument("--journal_flush_seconds", type=float, default=_default("journal_flush_seconds"),
                         help="... and at least every this many seconds")
-    parser.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--log_every", type=float, default=_default("log_every"),
+                        help="seconds between progress lines")
     captioner_class(model).add_arguments(parser)
     return parser
 
@@ -196,6 +205,18 @@ def run_scheduler(argv: list[str] | None, model: str) -> int:
         runtime.setup_device(args.device_target)
         runtime.init_collective()
     return 0
+
+
+def main_any(argv: list[str] | None = None) -> None:
+    """``caption.py MODEL meta.csv [options]``: any registered captioner, named by the first argument."""
+    from captioning_core.models import CAPTIONERS
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in CAPTIONERS:
+        sys.stderr.write(f"usage: caption.py {{{','.join(sorted(CAPTIONERS))}}} meta_path [options]  "
+                         f"(caption.py MODEL --help for the options)\n")
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(main(argv[1:], model=argv[0]))
 
 
 def main_qwen2vl() -> None:

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, CronPartitionTimetable, Param, task
 
+from captioning_core.models import CAPTIONERS
 from operators.ascend_caption import AscendCaptionOperator
 
 S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
@@ -91,7 +92,7 @@ with DAG(
         "min_height": Param(64, type="integer"),
         "min_width": Param(64, type="integer"),
         "max_seconds": Param(3600.0, type="number"),
-        "model": Param("qwen2vl", enum=["qwen2vl", "pllava"]),
+        "model": Param("qwen2vl", enum=sorted(CAPTIONERS)),
         "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", "pretrained_models/Qwen2-VL-7B-Instruct"),
                            type="string"),
         "caption_options": Param({}, type="object", description="caption script arguments by seed name"),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from captioning_core import options_doc
 from captioning_core.cli import build_parser, config_from_args
+from captioning_core.config import RunConfig
+from captioning_core.models import CAPTIONERS, captioner_class
 
 SEED_ARGS = ["--pretrained_model_name_or_path", "--question", "--max_new_tokens", "--height", "--width", "--fps",
              "--bs", "--skip_if_existing", "--output", "--device_target", "--gather", "--pad_length"]
@@ -16,7 +20,7 @@ CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "
            "output": "s3://b/o.csv", "device_target": "CPU", "dtype": "bfloat16", "gather": "allgather",
            "pad_length": "512", "max_row_attempts": "5", "video_root": "s3://b/v", "allowed_roots": "s3://b/",
            "prefetch_workers": "4", "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336",
-           "fps": "2", "min_pixels": "6272", "max_video_tokens": "9000", "prefetch_bytes": "1000000",
+           "fps": "3", "min_pixels": "6272", "max_video_tokens": "9000", "prefetch_bytes": "1000000",
            "journal_flush_rows": "7", "journal_flush_seconds": "3", "max_consecutive_errors": "2"}
 
 
@@ -29,9 +33,10 @@ def test_help_lists_the_seed_arguments():
     assert "S3" not in out.stdout or "AWS_SECRET_ACCESS_KEY" not in out.stdout.split("--")[0]
 
 
-def test_every_option_reaches_the_config():
-    parser = build_parser("qwen2vl")
-    base = config_from_args("qwen2vl", parser.parse_args(["s3://b/meta.csv"]))
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen2_5vl"])
+def test_every_option_reaches_the_config(model):
+    parser = build_parser(model)
+    base = config_from_args(model, parser.parse_args(["s3://b/meta.csv"]))
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -40,7 +45,7 @@ def test_every_option_reaches_the_config():
         else:
             assert action.dest in CHANGED, f"add a changed value for --{action.dest}"
             argv = ["s3://b/meta.csv", action.option_strings[0], CHANGED[action.dest]]
-        cfg = config_from_args("qwen2vl", parser.parse_args(argv))
+        cfg = config_from_args(model, parser.parse_args(argv))
         assert cfg != base, f"--{action.dest} does not change the run config"
 
 
@@ -50,3 +55,34 @@ def test_bad_values_fail_loudly():
                  ["m.csv", "--height", "10"]):
         with pytest.raises((SystemExit, ValueError)):
             config_from_args("qwen2vl", parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("model", sorted(CAPTIONERS))
+def test_defaults_come_from_the_dataclasses(model, monkeypatch):
+    """No option restates a default: the parser's equal RunConfig's fields and the model's options dataclass."""
+    monkeypatch.delenv("CAPTION_DEVICE_TARGET", raising=False)
+    cfg = config_from_args(model, build_parser(model).parse_args(["s3://b/meta.csv"]))
+    reference = RunConfig(meta_path="s3://b/meta.csv", model=model,
+                          pretrained_model_name_or_path=captioner_class(model).default_model_dir)
+    assert dataclasses.replace(cfg, model_options={}) == reference
+    options_cls = captioner_class(model).options_cls
+    assert options_cls is not None
+    assert cfg.model_options == dataclasses.asdict(options_cls())
+
+
+def test_readme_option_tables_are_generated_from_the_parsers():
+    assert options_doc.main(["--check"]) == 0, "run: python -m captioning_core.options_doc"
+    tables = options_doc.tables()
+    assert "| `--fps` | 4.0 | 2.0 |" in tables["qwen2vl+qwen2_5vl"]  # each model's own default, side by side
+    with pytest.raises(KeyError, match="lacks options blocks"):
+        options_doc.render("no tables here")
+
+
+def test_caption_py_runs_any_registered_model_and_refuses_others():
+    ok = subprocess.run([sys.executable, "-m", "captioning_core.caption", "qwen2_5vl", "--help"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "--fps" in ok.stdout and "Qwen2.5-VL-7B-Instruct" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "captioning_core.caption", "qwen9", "m.csv"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "qwen2_5vl" in bad.stderr

@@ -1,10 +1,16 @@
-"""Train the tiny Qwen2-VL that tests and the demo use, with real PyTorch, and save it in HF format.
+"""Train the tiny Qwen2-VL (or Qwen2.5-VL) that tests and the demo use, with real PyTorch, in HF format.
 
 The model learns to caption the synthetic clips of ``testkit.clips`` ("a red square moves left") from
 frames prepared by the production code (``captioning_core.models.qwen2_vl``), under several pixel budgets.
 It must get every held-out clip right, or the script fails.
 
     python tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
+    python tools/train_tiny_qwen2vl.py --arch qwen2_5vl --out tiny_models/qwen2_5vl \
+        --init_text_from tiny_models/qwen2vl --stages 20000:4e-4:0.75:aug,10000:2e-4:0.75:aug
+
+Qwen2.5-VL has the same language model and preprocessing; its vision tower differs (RMSNorm, gated MLP,
+windowed attention) and it encodes absolute time (``second_per_grid_ts``), which training feeds the way
+the captioner does. ``--init_text_from`` starts its language model from the trained Qwen2-VL's.
 
 Runs under real torch: do not import mindnlp here (mindtorch computes no gradients).
 """
@@ -26,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioning_core import video  # noqa: E402
-from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_frames  # noqa: E402
+from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_video  # noqa: E402
 from testkit.clips import COLORS, DIRECTIONS, SHAPES, ClipSpec, ensure_clip, render_frames_at  # noqa: E402
 from tools.tiny_vocab import qwen_tokenizer  # noqa: E402
 
@@ -60,22 +66,59 @@ def held_out_specs(rng: random.Random) -> list[ClipSpec]:
     return list(dict.fromkeys(fresh + list(DEMO_SPECS)))
 
 
-def build_model(tok):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+ARCHS = {"qwen2vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+         "qwen2_5vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+# Vision towers: Qwen2-VL's (LayerNorm, GELU MLP); Qwen2.5-VL's (RMSNorm, gated MLP, 2x2-token windows with
+# the last block global, and the released models' 2 temporal positions per second).
+VISION = {"qwen2vl": dict(depth=2, embed_dim=48, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+          "qwen2_5vl": dict(depth=2, hidden_size=48, intermediate_size=96, num_heads=4, out_hidden_size=64,
+                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                            window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)}
+
+
+def model_class(arch: str):
+    import transformers
+
+    return getattr(transformers, ARCHS[arch][1])
+
+
+def build_model(tok, arch: str = "qwen2vl"):
+    import transformers
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in tok.additional_special_tokens + [tok.pad_token, tok.eos_token]}
-    cfg = Qwen2VLConfig(
+    cfg = getattr(transformers, ARCHS[arch][0])(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False),
-        vision_config=dict(depth=2, embed_dim=48, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        vision_config=VISION[arch],
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    return Qwen2VLForConditionalGeneration(cfg)
+    return model_class(arch)(cfg)
+
+
+def copy_text_weights(model, source_dir: str) -> int:
+    """Start the language model (embeddings, decoder, head) from a trained checkpoint of the same text shape."""
+    from safetensors.torch import load_file
+
+    source = load_file(str(Path(source_dir) / "model.safetensors"))
+    own = model.state_dict()
+    text = {k: v for k, v in source.items() if not k.startswith("model.visual.") and k in own}
+    model.load_state_dict(text, strict=False)
+    return len(text)
+
+
+def video_kwargs(arch: str, grid, sample_fps: float) -> dict:
+    """The model's video inputs besides the patches: Qwen2.5-VL also takes the seconds per temporal group."""
+    import torch
+
+    kwargs = {"video_grid_thw": torch.tensor([grid])}
+    if arch == "qwen2_5vl":
+        kwargs["second_per_grid_ts"] = torch.tensor([PatchConfig().temporal_patch_size / sample_fps])
+    return kwargs
 
 
 def synthetic_example(rng: random.Random, opts: Qwen2VLOptions):
@@ -90,12 +133,13 @@ def synthetic_example(rng: random.Random, opts: Qwen2VLOptions):
     frames = render_frames_at(spec, video.qwen_frame_indices(spec.num_frames, n))
     h, w = video.qwen_target_size(height, width, opts.max_pixels, opts.min_pixels)
     pixels, grid = patchify(video.resize_frames(frames, h, w), PatchConfig())
-    return pixels, grid, spec.caption
+    return pixels, grid, n * spec.fps / spec.num_frames, spec.caption
 
 
 def prepare(path: Path, opts: Qwen2VLOptions):
-    pixels, grid = patchify(sample_frames(str(path), opts), PatchConfig())
-    return pixels, grid
+    frames, sample_fps = sample_video(str(path), opts)
+    pixels, grid = patchify(frames, PatchConfig())
+    return pixels, grid, sample_fps
 
 
 MIRROR = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -128,13 +172,13 @@ def prompt_text(tok, grid) -> str:
     return prompt.replace("<|video_pad|>", "<|video_pad|>" * (grid[0] * grid[1] * grid[2] // 4))
 
 
-def caption(model, tok, pixels, grid) -> str:
+def caption(model, tok, arch, pixels, grid, sample_fps) -> str:
     import torch
 
     enc = tok(prompt_text(tok, grid), return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, pixel_values_videos=torch.tensor(pixels), video_grid_thw=torch.tensor([grid]),
-                             max_new_tokens=8, do_sample=False)
+        out = model.generate(**enc, pixel_values_videos=torch.tensor(pixels),
+                             **video_kwargs(arch, grid, sample_fps), max_new_tokens=8, do_sample=False)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -157,8 +201,8 @@ def parse_stages(text: str) -> list[dict]:
     return stages
 
 
-def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: float, encoded_share: float,
-                augment: bool) -> None:
+def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps: int, lr: float,
+                encoded_share: float, augment: bool) -> None:
     """One example per step: on this task many small noisy updates escape the early plateau (the model first
     learns only the colour) far sooner than large batches do."""
     import torch
@@ -171,18 +215,18 @@ def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: 
     running = 0.0
     for step in range(steps):
         if rng.random() < encoded_share:  # real h264 clips keep codec artefacts in the mix
-            frames, caption_text = train[rng.randrange(len(train))]
+            frames, sample_fps, caption_text = train[rng.randrange(len(train))]
             if augment:
                 pixels, grid, text = augmented(frames, caption_text, rng)
             else:
                 (pixels, grid), text = patchify(frames, PatchConfig()), caption_text
         else:
-            pixels, grid, text = synthetic_example(rng, rng.choice(PROFILES))
+            pixels, grid, sample_fps, text = synthetic_example(rng, rng.choice(PROFILES))
         prompt = prompt_text(tok, grid)
         enc = tok(prompt + text + "<|im_end|>", return_tensors="pt")
         labels = enc["input_ids"].clone()
         labels[:, : len(tok(prompt)["input_ids"])] = -100
-        out = model(**enc, pixel_values_videos=torch.tensor(pixels), video_grid_thw=torch.tensor([grid]),
+        out = model(**enc, pixel_values_videos=torch.tensor(pixels), **video_kwargs(arch, grid, sample_fps),
                     labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,7 +234,7 @@ def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: 
         sched.step()
         opt.zero_grad()
         running = 0.99 * running + 0.01 * out.loss.item()
-        if step % 1000 == 0:
+        if step % 500 == 0:
             log.info("step %d loss %.4f (%.0fs)", step, running, time.time() - t0)
     model.eval()
 
@@ -198,7 +242,10 @@ def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen2vl")
     parser.add_argument("--out", default="tiny_models/qwen2vl")
+    parser.add_argument("--init_text_from", default=None,
+                        help="start the language model from this trained checkpoint (same text config)")
     parser.add_argument("--stages", default=DEFAULT_STAGES,
                         help="comma-separated steps:lr:encoded_share:plain|aug (see DEFAULT_STAGES)")
     parser.add_argument("--init", default=None, help="start from this saved model instead of random weights")
@@ -215,11 +262,12 @@ def main() -> int:
     cache = Path(args.clip_cache or tempfile.mkdtemp(prefix="tiny-qwen-clips-"))
     tok = qwen_tokenizer()
     if args.init:  # continue from an earlier run (same tokenizer and architecture)
-        from transformers import Qwen2VLForConditionalGeneration
-
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.init)
+        model = model_class(args.arch).from_pretrained(args.init)
     else:
-        model = build_model(tok)
+        model = build_model(tok, args.arch)
+    if args.init_text_from:
+        log.info("language model from %s: %d tensors", args.init_text_from,
+                 copy_text_weights(model, args.init_text_from))
     log.info("model parameters: %d", sum(p.numel() for p in model.parameters()))
 
     t0 = time.time()
@@ -230,19 +278,19 @@ def main() -> int:
             continue
         path = ensure_clip(spec, cache)
         for opts in PROFILES:
-            train.append((sample_frames(str(path), opts), spec.caption))
+            train.append((*sample_video(str(path), opts), spec.caption))
     held = [(ensure_clip(s, cache), s) for s in sorted(held_specs, key=lambda s: s.filename)]
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
     for number, stage in enumerate(parse_stages(args.stages), start=1):
         log.info("stage %d: %s", number, stage)
-        train_stage(model, tok, train, rng, **stage)
+        train_stage(model, tok, args.arch, train, rng, **stage)
     model.eval()
 
     wrong = []
     for path, spec in held:
         for opts in PROFILES:
-            got = caption(model, tok, *prepare(path, opts))
+            got = caption(model, tok, args.arch, *prepare(path, opts))
             if got != spec.caption:
                 wrong.append((spec.filename, opts.height, got))
     log.info("held-out: %d/%d right", 2 * len(held) - len(wrong), 2 * len(held))

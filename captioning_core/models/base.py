@@ -21,6 +21,10 @@ class ModelDirError(ValueError):
 
 class Captioner(ABC):
     name: ClassVar[str]
+    #: the CLI's --pretrained_model_name_or_path default (the seed's layout of pretrained_models/)
+    default_model_dir: ClassVar[str] = "pretrained_models/model"
+    #: the dataclass of this model's own options (its fields' defaults are the CLI's), if it has any
+    options_cls: ClassVar[type | None] = None
     #: files a local model directory must hold, checked before loading
     required_files: ClassVar[tuple[str, ...]] = ("config.json",)
 
@@ -61,6 +65,13 @@ class Captioner(ABC):
     def thumbnail_frames(self, item: Any):
         """A few uint8 (T, H, W, 3) frames of a prepared video for the gallery, or None."""
         return getattr(item, "thumb_frames", None)
+
+
+def option_defaults(options_cls) -> dict[str, Any]:
+    """A model's options dataclass is the one source of its CLI defaults."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(options_cls)}
 
 
 #: set to "1" (the operator's ``allow_pickled_weights=True``) to accept pickled ``*.bin`` weights

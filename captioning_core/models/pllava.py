@@ -19,7 +19,7 @@ import numpy as np
 
 from captioning_core import runtime, video
 from captioning_core.config import RunConfig
-from captioning_core.models.base import Captioner, check_model_dir
+from captioning_core.models.base import Captioner, check_model_dir, option_defaults
 from captioning_core.models.qwen2_vl import trim_generated
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ def sample_frames(path: str, num_frames: int) -> np.ndarray:
 
 class PllavaCaptioner(Captioner):
     name = "pllava"
+    default_model_dir = "./pretrained_models/pllava"
+    options_cls = PllavaOptions
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -237,37 +239,36 @@ class PllavaCaptioner(Captioner):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--num_frames", type=int, default=4,
+        default = option_defaults(PllavaOptions)
+        parser.add_argument("--num_frames", type=int, default=default["num_frames"],
                             help="frames sampled at segment centres (PLLaVA's get_index)")
-        parser.add_argument("--pooling_shape", type=parse_pooling_shape, default=(16, 12, 12),
+        parser.add_argument("--pooling_shape", type=parse_pooling_shape, default=default["pooling_shape"],
                             help="adaptive 3D average pool of the (frames, 24, 24) feature grid, e.g. 16-12-12; "
                                  "with 4 frames, 16 repeats each frame 4x (2304 video tokens) as load_pllava's "
                                  "default does, 4-12-12 gives 576 (Open-Sora's choice)")
-        parser.add_argument("--use_lora", action="store_true",
+        parser.add_argument("--use_lora", action="store_true", default=default["use_lora"],
                             help="wrap the language model in peft LoRA (q_proj/v_proj, rank read from the "
                                  "weights) and load its lora_A/lora_B from --weight_dir")
-        parser.add_argument("--weight_dir", default=None,
+        parser.add_argument("--weight_dir", default=default["weight_dir"],
                             help="checkpoint whose weights are loaded over the model dir's, as load_pllava does "
                                  "(default with --use_lora: the model dir itself)")
-        parser.add_argument("--lora_alpha", type=float, default=32,
+        parser.add_argument("--lora_alpha", type=float, default=default["lora_alpha"],
                             help="LoRA scale numerator: scale = lora_alpha / rank (load_pllava's default 32; "
                                  "PLLaVA's own eval scripts pass 4)")
-        parser.add_argument("--conv_mode", choices=sorted(CONV_TEMPLATES), default=DEFAULT_CONV_MODE,
+        parser.add_argument("--conv_mode", choices=sorted(CONV_TEMPLATES), default=default["conv_mode"],
                             help="PLLaVA conversation template; 'plain' is the seed's ChatPllava flow with the "
                                  "demo system prompt, the eval_* ones are PLLaVA's evaluation templates")
-        parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
-        parser.add_argument("--temperature", type=float, default=1.0,
+        parser.add_argument("--num_beams", type=int, default=default["num_beams"], help="beam search with this many beams (1: greedy)")
+        parser.add_argument("--temperature", type=float, default=default["temperature"],
                             help="1.0: greedy decoding (the seed passes do_sample=False, so its temperature did "
                                  "nothing). Any other value samples with this temperature and top-p 0.9, from a "
                                  "generator seeded by --seed each generate call: reruns give the same captions. "
                                  "Not combinable with --num_beams > 1")
-        parser.add_argument("--seed", type=int, default=0, help="seed of --temperature sampling")
+        parser.add_argument("--seed", type=int, default=default["seed"], help="seed of --temperature sampling")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        opts = PllavaOptions(num_frames=args.num_frames, pooling_shape=args.pooling_shape, use_lora=args.use_lora,
-                             weight_dir=args.weight_dir, lora_alpha=args.lora_alpha, conv_mode=args.conv_mode,
-                             num_beams=args.num_beams, temperature=args.temperature, seed=args.seed)
+        opts = PllavaOptions(**{name: getattr(args, name) for name in option_defaults(PllavaOptions)})
         return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:

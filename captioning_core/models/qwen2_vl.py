@@ -6,13 +6,13 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
 from captioning_core import runtime, video
 from captioning_core.config import RunConfig
-from captioning_core.models.base import Captioner, check_model_dir, pickled_weights_allowed
+from captioning_core.models.base import Captioner, check_model_dir, option_defaults, pickled_weights_allowed
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class PreparedVideo:
     grid_thw: tuple[int, int, int]
     num_frames: int
     thumb_frames: np.ndarray | None = None
+    sample_fps: float = 0.0  # frames per second of video time actually sampled (Qwen2.5-VL's time encoding)
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +111,13 @@ def patchify(frames: np.ndarray, pc: PatchConfig) -> tuple[np.ndarray, tuple[int
 
 
 def sample_frames(path: str, opts: Qwen2VLOptions, pc: PatchConfig | None = None) -> np.ndarray:
-    """Decode the frames Qwen2-VL would see, resized to the pixel budget: uint8 (T, H', W', 3).
+    """Decode the frames Qwen2-VL would see, resized to the pixel budget: uint8 (T, H', W', 3)."""
+    return sample_video(path, opts, pc)[0]
+
+
+def sample_video(path: str, opts: Qwen2VLOptions, pc: PatchConfig | None = None) -> tuple[np.ndarray, float]:
+    """The frames Qwen2-VL would see (uint8 (T, H', W', 3), resized to the pixel budget), and the rate they
+    sample the video at: ``frames * avg_fps / total_frames``, as qwen-vl-utils reports it.
 
     With ``opts.max_video_tokens`` a long video still fits the model: first each frame's pixel budget
     shrinks (as qwen-vl-utils does with its total-pixel cap), and if even ``min_pixels`` per frame is too
@@ -129,7 +136,9 @@ def sample_frames(path: str, opts: Qwen2VLOptions, pc: PatchConfig | None = None
         keep = max(1, opts.max_video_tokens // per_group) * pc.temporal_patch_size
         if keep < len(frames):
             frames = frames[np.linspace(0, len(frames) - 1, keep).round().astype(int)]
-    return video.resize_frames(frames, height, width)
+    total, avg_fps = len(reader), float(reader.get_avg_fps() or 0.0)
+    sample_fps = len(frames) * avg_fps / total if total and avg_fps > 0 else opts.fps
+    return video.resize_frames(frames, height, width), sample_fps
 
 
 def context_video_tokens(model_dir: str, max_new_tokens: int, prompt_room: int = 256) -> int | None:
@@ -145,10 +154,14 @@ def context_video_tokens(model_dir: str, max_new_tokens: int, prompt_room: int =
 
 class Qwen2VLCaptioner(Captioner):
     name = "qwen2vl"
+    default_model_dir = "pretrained_models/Qwen2-VL-7B-Instruct"
+    #: the transformers class that loads the checkpoint (mindnlp runs transformers' own modelling code)
+    model_class: str = "Qwen2VLForConditionalGeneration"
+    options_cls = Qwen2VLOptions
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        self.opts = Qwen2VLOptions(**cfg.model_options)
+        self.opts = self.options_cls(**cfg.model_options)
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
         if self.opts.max_video_tokens is None:
             cap = context_video_tokens(self.model_dir, cfg.max_new_tokens)
@@ -157,32 +170,36 @@ class Qwen2VLCaptioner(Captioner):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--height", type=int, default=448,
-                            help="with --width, the pixel budget height*width per frame (default 448)")
-        parser.add_argument("--width", type=int, default=672, help="see --height (default 672)")
-        parser.add_argument("--fps", type=float, default=4, help="frames sampled per second (default 4)")
-        parser.add_argument("--min_pixels", type=int, default=video.VIDEO_MIN_PIXELS,
-                            help="lower pixel bound per frame, as qwen-vl-utils (default 128*28*28)")
-        parser.add_argument("--max_video_tokens", type=int, default=None,
+        """The options dataclass is the one source of defaults; the parser's help shows them."""
+        default = option_defaults(cls.options_cls)
+        parser.add_argument("--height", type=int, default=default["height"],
+                            help="with --width, the pixel budget height*width per frame")
+        parser.add_argument("--width", type=int, default=default["width"], help="see --height")
+        parser.add_argument("--fps", type=float, default=default["fps"], help="frames sampled per second (the count is clamped to [4, 768] and made even, "
+                                                      "as qwen-vl-utils)")
+        parser.add_argument("--min_pixels", type=int, default=default["min_pixels"],
+                            help="lower pixel bound per frame, as qwen-vl-utils")
+        parser.add_argument("--max_video_tokens", type=int, default=default["max_video_tokens"],
                             help="cap on a video's tokens: long videos get smaller frames, then fewer frames "
-                                 "(default: the model's max_position_embeddings - max_new_tokens - 256)")
+                                 "(empty: the model's max_position_embeddings - max_new_tokens - 256; a 60 s clip at "
+                                 "448x672 and 4 fps needs ~44k tokens, beyond Qwen2-VL's 32k context)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        opts = Qwen2VLOptions(height=args.height, width=args.width, fps=args.fps, min_pixels=args.min_pixels,
-                              max_video_tokens=args.max_video_tokens)
+        opts = cls.options_cls(**{f.name: getattr(args, f.name) for f in fields(cls.options_cls)})
         return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:
-        frames = sample_frames(local_path, self.opts, self.patch)
+        frames, sample_fps = sample_video(local_path, self.opts, self.patch)
         pixels, grid = patchify(frames, self.patch)
         picks = np.linspace(0, len(frames) - 1, min(4, len(frames))).round().astype(int)
-        return PreparedVideo(pixels, grid, frames.shape[0], frames[picks])
+        return PreparedVideo(pixels, grid, frames.shape[0], frames[picks], sample_fps)
 
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
         runtime.import_mindnlp()
-        from mindnlp.transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from mindnlp import transformers
+        from mindnlp.transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         self.tokenizer.padding_side = "left"
@@ -196,7 +213,7 @@ class Qwen2VLCaptioner(Captioner):
         if prompt.count(VIDEO_TOKEN) != 1:
             raise ValueError(f"chat template must place exactly one {VIDEO_TOKEN}; got {prompt!r}")
         self._prompt_head, _, self._prompt_tail = prompt.partition(VIDEO_TOKEN)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+        self.model = getattr(transformers, self.model_class).from_pretrained(
             self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
             use_safetensors=not pickled_weights_allowed())
         self.model.eval()

@@ -28,6 +28,7 @@ from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
 
+#: the seed-named entry scripts; every other registered captioner runs as ``caption.py MODEL ...``
 CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py"}
 CAPTIONS_ALIAS = "caption-outputs"
 DEFAULT_ENV = {"HCCL_CONNECT_TIMEOUT": "7200"}
@@ -35,6 +36,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 #: caption script options the operator sets itself; caption_options may not override them
 OWNED_OPTIONS = frozenset({"meta_path", "output", "output_uri", "pretrained_model_name_or_path", "model_dir",
                            "skip_if_existing", "allow_pickled_weights"})
+
+
+def caption_entry(model: str) -> tuple[str, list[str]]:
+    """The msrun entry script for ``model`` and the arguments that go before the meta path."""
+    import captioning_core
+
+    if model in CAPTION_SCRIPTS:
+        return str(Path(captioning_core.__file__).with_name(CAPTION_SCRIPTS[model])), []
+    return str(Path(captioning_core.__file__).with_name("caption.py")), [model]
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -106,7 +116,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     """Caption every video of one meta partition with Qwen2-VL or PLLaVA under msrun.
 
     :param meta_path: the partition's meta CSV, ``s3://bucket/key.csv`` (templated)
-    :param model: ``qwen2vl`` or ``pllava`` (templated)
+    :param model: a registered captioner: ``qwen2vl``, ``qwen2_5vl``, ``pllava``, ... (templated)
     :param model_dir: local checkpoint directory on the worker host (templated)
     :param output_uri: output CSV URI; default ``{stem}_caption_{model}{ext}`` beside the input (templated)
     :param caption_options: the caption script's arguments by their seed names, e.g.
@@ -256,10 +266,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         port = opts.pop("master_port", None)
         if port in (None, "", 0):
             port = pick_free_port(port_for(f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"))
-        import captioning_core
-
-        script = str(Path(captioning_core.__file__).with_name(CAPTION_SCRIPTS[self.model]))
-        return MsrunSpec(script=script, script_args=script_args, log_dir=self.log_dir or self._default_log_dir(context),
+        script, lead = caption_entry(self.model)
+        return MsrunSpec(script=script, script_args=lead + script_args, log_dir=self.log_dir or self._default_log_dir(context),
                          worker_num=int(self.worker_num), local_worker_num=int(self.local_worker_num),
                          master_port=int(port), **opts)
 
@@ -326,8 +334,10 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
 
         if self._killed is None:
             self._killed = threading.Event()
-        if self.model not in CAPTION_SCRIPTS:
-            raise AirflowFailException(f"model must be one of {sorted(CAPTION_SCRIPTS)}, got {self.model!r}")
+        from captioning_core.models import CAPTIONERS
+
+        if self.model not in CAPTIONERS:
+            raise AirflowFailException(f"model must be one of {sorted(CAPTIONERS)}, got {self.model!r}")
         for name in ("caption_options", "msrun_options", "env"):
             if not isinstance(getattr(self, name), dict):
                 raise AirflowFailException(f"{name} must render to a dict (use render_template_as_native_obj "
