@@ -246,29 +246,8 @@ def failure(err):
     where = [w for w in (last("transformers/"), last("mindtorch/", "mindspore/")) if w]
     return {{"error": type(err).__name__ + ": " + "; ".join(lines)[:400], "where": " -> ".join(where)}}
 
-out = {{"model": {name!r}, "dtype": {dtype!r}, "stand_in": False}}
-try:
-    cls = captioner_class({name!r})
-except ValueError:
-    if {name!r} != "qwen2_5vl":
-        raise
-    # STAND-IN until captioning_core.models.qwen2_5_vl lands: the Qwen2-VL captioner's own prepare/setup/generate
-    # with the model class swapped for transformers' Qwen2_5_VLForConditionalGeneration (through mindnlp)
-    from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
-
-    class cls(Qwen2VLCaptioner):
-        name = "qwen2_5vl"
-
-        def setup(self):
-            runtime.import_mindnlp()
-            import mindnlp.transformers as mt
-            original = mt.Qwen2VLForConditionalGeneration
-            mt.Qwen2VLForConditionalGeneration = mt.Qwen2_5_VLForConditionalGeneration
-            try:
-                super().setup()
-            finally:
-                mt.Qwen2VLForConditionalGeneration = original
-    out["stand_in"] = True
+out = {{"model": {name!r}, "dtype": {dtype!r}}}
+cls = captioner_class({name!r})
 cfg = RunConfig(meta_path={meta!r}, model={name!r}, pretrained_model_name_or_path={model_dir!r}, device_target="CPU",
                 dtype={dtype!r}, max_new_tokens=8,
                 model_options={{"height": 112, "width": 112, "fps": 2, "min_pixels": 3136}})

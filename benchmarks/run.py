@@ -631,8 +631,6 @@ def bench_realsize(work: Path, *, realsize: str = "qwen2vl-2b", dtypes: str = "b
             got = _python_watched(LOAD.format(repo=str(REPO), name=layout.captioner, dtype=dtype,
                                               model_dir=str(out), meta=str(work / "unused.csv"), clip=str(clip)),
                                   cap_gib=3 * gib)
-            if got.get("stand_in"):
-                label += " (STAND-IN captioner, see the docs)"
             if "stopped_at_gib" in got:
                 phase = got["phase"]
                 done = f"load (setup) {got['load_s']:.1f}s, peak after load {got['after_load']['VmHWM']:.2f} GiB; " \
