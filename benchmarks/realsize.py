@@ -3,7 +3,7 @@
 No weights can be downloaded here, so the item builds a random-weight checkpoint from the *released*
 ``config.json`` of each model (the values below are the published configs, key for key), saved the way the
 released repositories are: bf16 safetensors in 4 GB shards plus ``model.safetensors.index.json``. Real
-PyTorch builds it (mindtorch computes nothing fast enough and cannot save), then a fresh mindnlp process
+PyTorch builds and saves it with transformers, as the releases were made; then a fresh mindnlp process
 loads it through the production captioner. The two steps run in separate interpreters because real torch
 and mindtorch cannot share one process.
 
