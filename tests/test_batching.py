@@ -69,5 +69,5 @@ def test_token_budget_default_equals_bs1_on_the_mixed_duration_partition(clip_di
     assert [r["text"] for r in default] == [r["text"] for r in one]
     summary = json.loads((tmp_path / "default.csv.summary.json").read_text())
     stats = summary["ranks"][0]
-    assert stats["generate_calls"] <= len(rows) // 4, stats  # batched: few calls
+    assert stats["generate_calls"] <= len(rows) // 2, stats  # batched: far fewer calls than rows
     assert stats["padding_share"] <= 0.1, stats
