@@ -182,7 +182,7 @@ class Qwen2VLCaptioner(Captioner):
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
         runtime.import_mindnlp()
-        from mindnlp.transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from mindnlp.transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
         self.tokenizer.padding_side = "left"
@@ -196,11 +196,17 @@ class Qwen2VLCaptioner(Captioner):
         if prompt.count(VIDEO_TOKEN) != 1:
             raise ValueError(f"chat template must place exactly one {VIDEO_TOKEN}; got {prompt!r}")
         self._prompt_head, _, self._prompt_tail = prompt.partition(VIDEO_TOKEN)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
-            use_safetensors=not pickled_weights_allowed())
+        self.model = self.load_model()
         self.model.eval()
         log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
+
+    def load_model(self):
+        """The model, from the local model dir (after ``import_mindnlp``); subclasses load their own class."""
+        from mindnlp.transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration.from_pretrained(
+            self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
+            use_safetensors=not pickled_weights_allowed())
 
     def prompt_for(self, item: PreparedVideo) -> str:
         """The chat prompt with the one video placeholder expanded to the video's token count."""
