@@ -34,7 +34,7 @@ def _side(backend: str, model: str, clip: Path, workdir: Path) -> None:
     assert proc.returncode == 0, f"{backend} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("model", ["qwen2vl", "pllava"])
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl", "pllava"])
 def test_logits_within_1e_3_and_32_greedy_tokens_equal_the_reference(model, clip_dir, tmp_path):
     clip = ensure_clip(DAG_SPECS[0], clip_dir)
     _side("mindnlp", model, clip, tmp_path)

@@ -243,10 +243,14 @@ def expand_video(prompt: str, grid_thw: tuple[int, int, int], timestamps: tuple[
 def interleaved_mrope(self, freqs, mrope_section):
     """``Qwen3VLTextRotaryEmbedding.apply_interleaved_mrope`` without strided slice assignment.
 
-    The original writes ``freqs_t[..., offset:length:3] = freqs[dim, ..., offset:length:3]`` for H and W.
-    mindtorch (mindnlp 0.5.1) gets the length of such a slice wrong when ``length`` runs past the last
-    frequency or ``(length - offset)`` is not a multiple of 3, and raises in BroadcastTo. The same selection
-    as a per-frequency choice of T/H/W, taken with ``where``, gives identical values on every backend.
+    The original writes ``freqs_t[..., offset:length:3] = freqs[dim, ..., offset:length:3]`` for H and W,
+    with ``length = 3 * mrope_section[dim]``. When that stop runs past the last frequency (any config where
+    ``3 * max(mrope_section[1:]) > head_dim // 2``, e.g. the tiny model's [2, 3, 3] with 8 frequencies),
+    mindtorch's slice assignment (mindnlp 0.5.1, ``strided_slice_update``) sizes the target from the
+    unclamped stop and raises in BroadcastTo (``a = torch.zeros(8); a[2:9:3] = torch.arange(8.)[2:9:3]``:
+    value (2,), target (3,)); PyTorch clamps the stop first. Released Qwen3-VL configs ([24, 20, 20], 64
+    frequencies) stay in range and run either way. The same selection as a per-frequency choice of T/H/W,
+    taken with ``where``, gives identical values on every backend.
     """
     import torch
 
