@@ -26,7 +26,8 @@ from captioning_core.sharding import rank_from_env
 
 log = logging.getLogger("captioning_core.cli")
 
-DEFAULT_MODEL_DIRS = {"qwen2vl": "pretrained_models/Qwen2-VL-7B-Instruct", "pllava": "./pretrained_models/pllava"}
+DEFAULT_MODEL_DIRS = {"qwen2vl": "pretrained_models/Qwen2-VL-7B-Instruct", "pllava": "./pretrained_models/pllava",
+                      "qwen3vl": "pretrained_models/Qwen3-VL-8B-Instruct"}
 EXIT_BAD_INPUT = 2
 EXIT_RETRY = 3
 
@@ -200,6 +201,10 @@ def run_scheduler(argv: list[str] | None, model: str) -> int:
 
 def main_qwen2vl() -> None:
     sys.exit(main(model="qwen2vl"))
+
+
+def main_qwen3vl() -> None:
+    sys.exit(main(model="qwen3vl"))
 
 
 def main_pllava() -> None:

@@ -10,8 +10,9 @@ What differs from Qwen2-VL, and so lives here (everything else is ``qwen2_vl``'s
 - The prompt: the processor writes every temporal group of the video as ``<t seconds>`` text followed by
   ``<|vision_start|>`` + its ``<|video_pad|>`` tokens + ``<|vision_end|>``, where ``t`` is the mean time of
   the group's frames. The model learned those times, so the prompt must carry them.
-- mindnlp 0.5.1 cannot run transformers' ``apply_interleaved_mrope`` (see ``interleaved_mrope``); the
-  captioner installs an equivalent formulation before it loads the model.
+- mindnlp 0.5.1 cannot run two of transformers' Qwen3-VL functions (``apply_interleaved_mrope`` on configs
+  whose M-RoPE slices run past the last frequency, and ``_deepstack_process`` always): the captioner installs
+  equivalent formulations (``interleaved_mrope``, ``deepstack_process``) before it loads the model.
 """
 
 from __future__ import annotations
@@ -263,11 +264,28 @@ def interleaved_mrope(self, freqs, mrope_section):
     return torch.where(is_w, freqs[2], torch.where(is_h, freqs[1], freqs[0]))
 
 
-def install_mrope_workaround() -> None:
-    """Make transformers' Qwen3-VL rotary embedding use ``interleaved_mrope`` (idempotent)."""
+def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+    """``Qwen3VLTextModel._deepstack_process`` without assignment through a 2-D boolean mask.
+
+    The original adds the deepstack features at the visual positions with
+    ``hidden_states[visual_pos_masks, :] = hidden_states[visual_pos_masks, :] + visual_embeds``, where the mask
+    is (batch, seq). mindtorch (mindnlp 0.5.1) reads through such a mask but cannot assign through it
+    (``NotImplementedError: Need rank 1 for bool index``). The same sums, written back with
+    ``masked_scatter`` (which Qwen2-VL's own embedding merge uses), give identical values. Not in place: the
+    caller uses the returned tensor.
+    """
+    mask = visual_pos_masks.to(hidden_states.device)
+    visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    updated = hidden_states[mask, :] + visual_embeds
+    return hidden_states.masked_scatter(mask.unsqueeze(-1).expand_as(hidden_states), updated)
+
+
+def install_mindnlp_workarounds() -> None:
+    """Make transformers' Qwen3-VL classes use ``interleaved_mrope`` and ``deepstack_process`` (idempotent)."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
     modeling_qwen3_vl.Qwen3VLTextRotaryEmbedding.apply_interleaved_mrope = interleaved_mrope
+    modeling_qwen3_vl.Qwen3VLTextModel._deepstack_process = deepstack_process
 
 
 class Qwen3VLCaptioner(Qwen2VLCaptioner):
@@ -320,7 +338,7 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
         return Qwen3PreparedVideo(pixels, grid, frames.shape[0], frames[picks], stamps)
 
     def load_model(self):
-        install_mrope_workaround()
+        install_mindnlp_workarounds()
         from mindnlp.transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration.from_pretrained(

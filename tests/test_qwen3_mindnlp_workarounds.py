@@ -1,5 +1,5 @@
-"""The Qwen3-VL interleaved M-RoPE workaround: equal to transformers' function on real PyTorch, and it runs
-under mindnlp, where transformers' own (a strided slice assignment) raises in mindtorch."""
+"""The Qwen3-VL workarounds for mindnlp 0.5.1 (interleaved M-RoPE, deepstack merge): each equal to transformers'
+function on real PyTorch, and each runs under mindnlp, where transformers' own raises in mindtorch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning_core.models.qwen3_vl import interleaved_mrope
+from captioning_core.models.qwen3_vl import deepstack_process, interleaved_mrope
 
 REPO = Path(__file__).resolve().parents[1]
 # (mrope_section, head_dim // 2): the tiny model's (stop 9 > 8), the released one (in range), one whose stop runs
@@ -46,13 +46,37 @@ def test_equals_transformers_on_pytorch(section, half):
     assert np.array_equal(ours.numpy(), _reference(freqs.numpy(), section))
 
 
+def _deepstack_inputs():
+    rng = np.random.default_rng(7)
+    hidden = rng.standard_normal((2, 11, 8)).astype(np.float32)
+    mask = rng.random((2, 11)) < 0.5
+    embeds = rng.standard_normal((int(mask.sum()), 8)).astype(np.float32)
+    expected = hidden.copy()
+    expected[mask] += embeds
+    return hidden, mask, embeds, expected
+
+
+def test_deepstack_equals_transformers_on_pytorch():
+    import torch
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    original = Qwen3VLTextModel._deepstack_process
+    assert original is not deepstack_process, "transformers' function is patched in this process"
+    hidden, mask, embeds, expected = _deepstack_inputs()
+    args = (torch.from_numpy(mask), torch.from_numpy(embeds))
+    ref = original(None, torch.from_numpy(hidden.copy()), *args)  # in place: give it a copy
+    ours = deepstack_process(None, torch.from_numpy(hidden), *args)
+    assert torch.equal(ours, ref)
+    assert np.array_equal(ours.numpy(), expected)
+
+
 MINDNLP_SIDE = r"""
 import json, sys
 import mindspore; mindspore.set_device("CPU")
 import mindnlp  # noqa: F401  (torch is mindtorch from here on)
 import numpy as np, torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
-from captioning_core.models.qwen3_vl import interleaved_mrope
+from captioning_core.models.qwen3_vl import deepstack_process, interleaved_mrope
 report = {}
 for section, half in json.loads(sys.argv[1]):
     freqs = np.random.default_rng(half).standard_normal((3, 2, 37, half)).astype(np.float32)
@@ -62,6 +86,19 @@ for section, half in json.loads(sys.argv[1]):
     except Exception as err:
         row["original_error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     report[f"{section}/{half}"] = row
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+from captioning_core.models.qwen3_vl import deepstack_process
+rng = np.random.default_rng(7)
+hidden = rng.standard_normal((2, 11, 8)).astype(np.float32)
+mask = rng.random((2, 11)) < 0.5
+embeds = rng.standard_normal((int(mask.sum()), 8)).astype(np.float32)
+row = {"ours": deepstack_process(None, torch.tensor(hidden), torch.tensor(mask), torch.tensor(embeds)).numpy().tolist()}
+try:
+    Qwen3VLTextModel._deepstack_process(None, torch.tensor(hidden), torch.tensor(mask), torch.tensor(embeds))
+    row["original_error"] = None
+except Exception as err:
+    row["original_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+report["deepstack"] = row
 print("REPORT " + json.dumps(report))
 """
 
@@ -88,3 +125,6 @@ def test_runs_under_mindnlp_where_transformers_function_fails():
     # mindnlp fixed it and the workaround can go.
     assert sorted(failures) == ["[16, 24, 24]", "[2, 3, 3]"], failures
     assert all("BroadcastTo" in err for err in failures.values()), failures
+    deep = report["deepstack"]
+    assert np.array_equal(np.asarray(deep["ours"], np.float32), _deepstack_inputs()[3])
+    assert deep["original_error"] and "Need rank 1 for bool index" in deep["original_error"], deep["original_error"]
