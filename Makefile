@@ -26,6 +26,7 @@ demo: setup
 
 train-tiny: setup
 	$(PY) tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
+	$(PY) tools/train_tiny_qwen3vl.py --out tiny_models/qwen3vl --warm_start tiny_models/qwen2vl
 	$(PY) tools/train_tiny_pllava.py --out tiny_models/pllava --lora_out tiny_models/pllava-lora
 
 clean:

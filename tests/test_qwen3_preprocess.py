@@ -153,3 +153,27 @@ def test_token_cap_and_per_frame_cap(standard_clips):
         assert len(stamps) == grid[0]
         frames, _ = sample_frames(str(path), VideoProcessorConfig(), Qwen3VLOptions(height=128, width=128))
         assert frames.shape[1] * frames.shape[2] <= 128 * 128 and frames.shape[1] % 32 == 0, spec
+
+
+def test_cli_defaults_come_from_the_checkpoint_and_options_override_them():
+    from pathlib import Path
+
+    from captioning_core import cli, fingerprint
+    from captioning_core.models.qwen3_vl import Qwen3VLCaptioner
+
+    tiny = str(Path(__file__).resolve().parents[1] / "tiny_models" / "qwen3vl")
+    args = cli.build_parser("qwen3vl").parse_args(["m.csv", "--pretrained_model_name_or_path", tiny])
+    cap = Qwen3VLCaptioner(cli.config_from_args("qwen3vl", args))
+    assert cap.vp == VideoProcessorConfig.from_model_dir(tiny)
+    assert (cap.vp.min_pixels, cap.vp.max_pixels, cap.vp.patch.patch_size) == (4096, 128 * 128 * 8, 16)
+    assert cap.opts.max_video_tokens == 4096 - 200 - 256  # from the model's context
+    args = cli.build_parser("qwen3vl").parse_args(["m.csv", "--pretrained_model_name_or_path", tiny, "--fps", "1",
+                                                   "--max_pixels", "99999"])
+    cap = Qwen3VLCaptioner(cli.config_from_args("qwen3vl", args))
+    assert (cap.vp.fps, cap.vp.max_pixels, cap.vp.min_frames) == (1.0, 99999, 4)
+    assert fingerprint.for_script_args("qwen3vl", ["m.csv", "--fps", "1"])["id"] != \
+        fingerprint.for_script_args("qwen3vl", ["m.csv", "--fps", "2"])["id"]
+    with pytest.raises(ValueError, match="go together"):
+        Qwen3VLOptions(height=128)
+    with pytest.raises(ValueError, match="min_pixels"):
+        Qwen3VLOptions(min_pixels=10, max_pixels=5)
