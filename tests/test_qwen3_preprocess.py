@@ -177,3 +177,15 @@ def test_cli_defaults_come_from_the_checkpoint_and_options_override_them():
         Qwen3VLOptions(height=128)
     with pytest.raises(ValueError, match="min_pixels"):
         Qwen3VLOptions(min_pixels=10, max_pixels=5)
+
+
+def test_one_frame_video_makes_one_temporal_group(broken_clips):
+    frames, stamps = sample_frames(str(broken_clips["one_frame"]), TINY)
+    _, grid = patchify(frames, TINY.patch)
+    assert frames.shape[0] == 1 and grid[0] == 1 and stamps == (0.0,)
+
+
+@pytest.mark.parametrize("kind", ["zero_byte", "truncated", "garbage", "audio_only", "not_video", "no_frames"])
+def test_broken_clips_raise_video_error(broken_clips, kind):
+    with pytest.raises(video.VideoError):
+        sample_frames(str(broken_clips[kind]), TINY)
