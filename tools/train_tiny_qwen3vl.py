@@ -279,6 +279,9 @@ def main() -> int:
     parser.add_argument("--clip_cache", default=None, help="where to keep rendered clips (default: a temp dir)")
     parser.add_argument("--save_each_stage", action="store_true",
                         help="save and evaluate after every stage (to continue later with --init)")
+    parser.add_argument("--stop_when_right", action="store_true",
+                        help="evaluate after every stage and stop at the first with every held-out clip right "
+                             "(the held-out clips then also choose when to stop)")
     args = parser.parse_args()
 
     import torch
@@ -314,14 +317,21 @@ def main() -> int:
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
     stages = parse_stages(args.stages)
+    wrong = None
     for number, stage in enumerate(stages, start=1):
         log.info("stage %d: %s", number, stage)
         train_stage(model, tok, train, rng, **stage)
-        if args.save_each_stage and number < len(stages):
-            evaluate(model, tok, held)
-            save(model, tok, Path(args.out))
+        wrong = None
+        if (args.save_each_stage or args.stop_when_right) and number < len(stages):
+            wrong = evaluate(model, tok, held)
+            if args.save_each_stage:
+                save(model, tok, Path(args.out))
+            if args.stop_when_right and not wrong:
+                log.info("every held-out clip right after stage %d: stopping", number)
+                break
     model.eval()
-    wrong = evaluate(model, tok, held)
+    if wrong is None:
+        wrong = evaluate(model, tok, held)
     for item in wrong:
         log.info("wrong: %s", item)
     save(model, tok, Path(args.out))
