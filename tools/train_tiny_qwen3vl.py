@@ -280,8 +280,8 @@ def main() -> int:
     parser.add_argument("--save_each_stage", action="store_true",
                         help="save and evaluate after every stage (to continue later with --init)")
     parser.add_argument("--stop_when_right", action="store_true",
-                        help="evaluate after every stage and stop at the first with every held-out clip right "
-                             "(the held-out clips then also choose when to stop)")
+                        help="evaluate after every stage, keep (save) the best model so far, and stop at the first "
+                             "stage with every held-out clip right (the held-out clips then also choose the model)")
     args = parser.parse_args()
 
     import torch
@@ -317,24 +317,31 @@ def main() -> int:
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
     stages = parse_stages(args.stages)
-    wrong = None
-    for number, stage in enumerate(stages, start=1):
-        log.info("stage %d: %s", number, stage)
-        train_stage(model, tok, train, rng, **stage)
-        wrong = None
-        if (args.save_each_stage or args.stop_when_right) and number < len(stages):
+    if args.stop_when_right:  # evaluate after every stage; keep the best model seen; stop once all are right
+        best = None
+        for number, stage in enumerate(stages, start=1):
+            log.info("stage %d: %s", number, stage)
+            train_stage(model, tok, train, rng, **stage)
             wrong = evaluate(model, tok, held)
-            if args.save_each_stage:
+            if best is None or len(wrong) < len(best):
+                best = wrong
                 save(model, tok, Path(args.out))
-            if args.stop_when_right and not wrong:
+            if not wrong:
                 log.info("every held-out clip right after stage %d: stopping", number)
                 break
-    model.eval()
-    if wrong is None:
+        wrong = best
+    else:
+        for number, stage in enumerate(stages, start=1):
+            log.info("stage %d: %s", number, stage)
+            train_stage(model, tok, train, rng, **stage)
+            if args.save_each_stage and number < len(stages):
+                evaluate(model, tok, held)
+                save(model, tok, Path(args.out))
+        model.eval()
         wrong = evaluate(model, tok, held)
+        save(model, tok, Path(args.out))
     for item in wrong:
         log.info("wrong: %s", item)
-    save(model, tok, Path(args.out))
     log.info("total %.0fs", time.time() - t0)
     return 1 if wrong else 0
 
