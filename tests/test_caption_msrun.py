@@ -63,8 +63,8 @@ def test_partition_on_s3_under_msrun(model, s3_server, s3_bucket, partition_clip
     meta, rows = upload_partition(client, s3_bucket, "day=2026-11-22/part-0", partition_clips)
     assert len(rows) >= 12
     extra = {} if model == "qwen2vl" else {"model_dir": TINY_QWEN3VL, "script": "caption_qwen3vl.py"}
-    result = run_msrun(meta, *(TINY_ARGS if model == "qwen2vl" else QWEN3_ARGS), "--bs", "2",
-                       log_dir=tmp_path / "log", **extra)
+    args = TINY_ARGS if model == "qwen2vl" else QWEN3_ARGS
+    result = run_msrun(meta, *args, "--bs", "2", log_dir=tmp_path / "log", **extra)
     assert result.returncode == 0, result.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", f"meta_caption_{model}.csv"))
     assert out["path"].tolist() == [r.path for r in rows]
@@ -90,7 +90,7 @@ def test_partition_on_s3_under_msrun(model, s3_server, s3_bucket, partition_clip
 
     # A rerun with --skip_if_existing loads no model and returns in seconds.
     started = time.monotonic()
-    again = run_msrun(meta, *TINY_ARGS, "--skip_if_existing", log_dir=tmp_path / "log2")
+    again = run_msrun(meta, *args, "--skip_if_existing", log_dir=tmp_path / "log2", **extra)
     elapsed = time.monotonic() - started
     assert again.returncode == 0, again.tail
     for lines in again.rank_logs().values():
