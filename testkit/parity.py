@@ -9,7 +9,7 @@ The mindnlp side is the production path (the captioner's ``prepare`` and ``setup
 It saves the exact model inputs it built, so the reference sees the same preprocessed tensors. Each side writes
 the logits of one forward pass over the prompt and the ids of a greedy generate. The generate is forced to
 ``STEPS`` new tokens (``min_new_tokens``), so a short caption still compares every step.
-Reference for the Qwen models: transformers' own class on real PyTorch (``QWEN_REFERENCES``). For PLLaVA, which transformers
+Reference for the Qwen models: transformers' own class (``TRANSFORMERS_REFERENCE``). For PLLaVA, which transformers
 does not ship, it is the project's own PLLaVA modules on real PyTorch, the same code the tiny models were
 trained with: the check is then mindtorch's arithmetic against PyTorch's.
 """
@@ -24,18 +24,21 @@ import numpy as np
 STEPS = 32
 # Sampling settings small enough for the tiny models on a CPU.
 QWEN_OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
-#: captioner name -> the transformers class that is its reference
-QWEN_REFERENCES = {"qwen2vl": "Qwen2VLForConditionalGeneration",
-                   "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration"}
+# Options per model where its CLI defaults don't suit a tiny model (others: their CLI defaults).
+MODEL_OPTIONS = {"qwen2vl": QWEN_OPTIONS, "qwen2_5vl": QWEN_OPTIONS}
+# Model -> the transformers class that is its reference on real PyTorch (HF-format models only).
+TRANSFORMERS_REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration",
+                          "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration",
+                          "qwen3vl": "Qwen3VLForConditionalGeneration"}
 
 
 def _config(model: str, model_dir: str):
     from captioning_core.config import RunConfig
     from captioning_core.models import captioner_class
 
-    options = QWEN_OPTIONS if model in QWEN_REFERENCES else {}
     cls = captioner_class(model)
-    if model == "pllava":
+    options = MODEL_OPTIONS.get(model)
+    if options is None:
         import argparse
 
         parser = argparse.ArgumentParser()
@@ -57,7 +60,7 @@ def run_mindnlp(model: str, model_dir: str, clip: str, workdir: Path) -> None:
     from captioning_core.models.pllava_arch import to_numpy
 
     with torch.no_grad():
-        if model in QWEN_REFERENCES:
+        if model in TRANSFORMERS_REFERENCE:
             arrays = cap.model_inputs([item])
             inputs = {k: torch.tensor(v) for k, v in arrays.items()}
             logits = cap.model(**inputs).logits
@@ -90,11 +93,11 @@ def run_torch(model: str, model_dir: str, workdir: Path) -> None:
 
     arrays = dict(np.load(workdir / "inputs.npz"))
     with torch.no_grad():
-        if model in QWEN_REFERENCES:
+        if model in TRANSFORMERS_REFERENCE:
             import transformers
 
-            reference = getattr(transformers, QWEN_REFERENCES[model])
-            ref = reference.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+            ref_cls = getattr(transformers, TRANSFORMERS_REFERENCE[model])
+            ref = ref_cls.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
             inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
             logits = ref(**inputs).logits
             ids = ref.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)

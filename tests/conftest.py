@@ -121,13 +121,15 @@ def run_msrun(s3_server: SeaweedS3):
     """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server."""
 
     def run(meta: str, *args: str, log_dir: Path, env: dict[str, str] | None = None, workers: int = 2,
-            model_dir: Path = TINY_QWEN2VL, script: str = "caption_qwen2vl.py", timeout: float = 600) -> MsrunResult:
+            model_dir: Path = TINY_QWEN2VL, script: str = "caption_qwen2vl.py", model: str | None = None,
+            timeout: float = 600) -> MsrunResult:
         if not (model_dir / "config.json").exists():
             pytest.fail(f"tiny model missing at {model_dir}: run `make train-tiny`", pytrace=False)
         msrun = Path(sys.executable).with_name("msrun")
         argv = [str(msrun), f"--worker_num={workers}", f"--local_worker_num={workers}", "--join=True",
                 f"--log_dir={log_dir}", f"--master_port={free_port()}",
-                str(REPO / "captioning_core" / script), meta, "--pretrained_model_name_or_path", str(model_dir),
+                str(REPO / "captioning_core" / script), *([model] if model else []), meta,
+                "--pretrained_model_name_or_path", str(model_dir),
                 *args]
         full_env = {**os.environ, **s3_server.env(), **(env or {})}
         # msrun starts each rank as plain `python`: it must be this venv's interpreter.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,10 @@ TINY_ARGS = [
     "0",
 ]
 
+# The tiny Qwen3-VL's own video_preprocessor_config.json holds its small pixel budget: no size options.
+QWEN3_ARGS = ["--device_target", "CPU", "--max_new_tokens", "12", "--log_every", "0"]
+TINY_QWEN3VL = Path(__file__).resolve().parents[1] / "tiny_models" / "qwen3vl"
+
 GOOD = list(PARTITION_SPECS)
 BROKEN = ["zero_byte", "truncated", "garbage", "audio_only", "not_video"]
 
@@ -52,13 +57,16 @@ def read_csv_from_s3(client, uri: str):
     return pd.read_csv(io.BytesIO(body), dtype=str, keep_default_na=False), body
 
 
-def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_msrun, tmp_path):
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
+def test_partition_on_s3_under_msrun(model, s3_server, s3_bucket, partition_clips, run_msrun, tmp_path):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "day=2026-11-22/part-0", partition_clips)
     assert len(rows) >= 12
-    result = run_msrun(meta, *TINY_ARGS, "--bs", "2", log_dir=tmp_path / "log")
+    extra = {} if model == "qwen2vl" else {"model_dir": TINY_QWEN3VL, "script": "caption.py", "model": model}
+    args = TINY_ARGS if model == "qwen2vl" else QWEN3_ARGS
+    result = run_msrun(meta, *args, "--bs", "2", log_dir=tmp_path / "log", **extra)
     assert result.returncode == 0, result.tail
-    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", f"meta_caption_{model}.csv"))
     assert out["path"].tolist() == [r.path for r in rows]
     assert out["aes"].tolist() == [f"{i / 7:.6f}" for i in range(len(rows))]  # pass-through untouched
     for row, (_, got) in zip(rows, out.iterrows(), strict=True):
@@ -71,7 +79,7 @@ def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_
             assert got["caption_error"], row
     summary = json.loads(
         client.get_object(
-            Bucket=s3_bucket, Key="day=2026-11-22/part-0/meta_caption_qwen2vl.csv.summary.json"
+            Bucket=s3_bucket, Key=f"day=2026-11-22/part-0/meta_caption_{model}.csv.summary.json"
         )["Body"].read()
     )
     assert summary["rows"] == len(rows) and summary["failed"] == len(BROKEN)
@@ -82,7 +90,7 @@ def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_
 
     # A rerun with --skip_if_existing loads no model and returns in seconds.
     started = time.monotonic()
-    again = run_msrun(meta, *TINY_ARGS, "--skip_if_existing", log_dir=tmp_path / "log2")
+    again = run_msrun(meta, *args, "--skip_if_existing", log_dir=tmp_path / "log2", **extra)
     elapsed = time.monotonic() - started
     assert again.returncode == 0, again.tail
     for lines in again.rank_logs().values():

@@ -21,7 +21,7 @@ def _run(script: str, pythonpath: str | None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=REPO.parent, timeout=120)
 
 
-@pytest.mark.parametrize("script", ["caption_qwen2vl.py", "caption_pllava.py"])
+@pytest.mark.parametrize("script", ["caption_qwen2vl.py", "caption.py", "caption_pllava.py"])
 def test_missing_package_names_the_python_and_the_fix(script):
     result = _run(script, None)
     assert result.returncode == 1
@@ -30,7 +30,7 @@ def test_missing_package_names_the_python_and_the_fix(script):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", ["caption_qwen2vl.py", "caption_pllava.py"])
+@pytest.mark.parametrize("script", ["caption_qwen2vl.py", "caption.py", "caption_pllava.py"])
 def test_missing_dependency_is_named(script):
     result = _run(script, str(REPO))  # the package itself imports; its dependencies are not there
     assert result.returncode == 1

@@ -22,9 +22,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
 DAGS = Path(__file__).resolve().parent / "airflow_dags"
 SPECS = PARTITION_SPECS[:6]
+# What each tiny model was trained with (Qwen3-VL: its checkpoint's video processor settings).
+OPTIONS = {"qwen2_5vl": TINY_CAPTION_OPTIONS,
+           "qwen3vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5}}
 
 
-@pytest.mark.parametrize("model", ["qwen2_5vl"])
+@pytest.mark.parametrize("model", ["qwen2_5vl", "qwen3vl"])
 def test_dag_run_captions_the_held_out_clips(model, s3_server, s3_bucket, tmp_path):
     import pandas as pd
 
@@ -35,7 +38,7 @@ def test_dag_run_captions_the_held_out_clips(model, s3_server, s3_bucket, tmp_pa
     env = AirflowEnv(tmp_path / "airflow", s3_server.env(), "postgresql://unused", dags_folder=DAGS)
     env.migrate()
     conf = {"meta_path": meta, "output_uri": output, "model": model, "model_dir": str(REPO / "tiny_models" / model),
-            "caption_options": {**TINY_CAPTION_OPTIONS, "bs": 4}}
+            "caption_options": {**OPTIONS[model], "bs": 4}}
     run = env.dags_test("caption_drill", "2026-11-21", conf)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
 

@@ -7,6 +7,7 @@ import importlib
 CAPTIONERS = {
     "qwen2vl": "captioning_core.models.qwen2_vl:Qwen2VLCaptioner",
     "qwen2_5vl": "captioning_core.models.qwen2_5_vl:Qwen2_5VLCaptioner",
+    "qwen3vl": "captioning_core.models.qwen3_vl:Qwen3VLCaptioner",
     "pllava": "captioning_core.models.pllava:PllavaCaptioner",
 }
 
