@@ -17,7 +17,8 @@ def _run(script: str, pythonpath: str | None) -> subprocess.CompletedProcess:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     # -S: no site-packages, like a system python on PATH that has never seen this project's venv
-    return subprocess.run([sys.executable, "-S", str(REPO / "captioning_core" / script), "meta.csv"],
+    model = ["qwen3vl"] if script == "caption.py" else []  # caption.py takes the model's name first
+    return subprocess.run([sys.executable, "-S", str(REPO / "captioning_core" / script), *model, "meta.csv"],
                           capture_output=True, text=True, env=env, cwd=REPO.parent, timeout=120)
 
 
