@@ -331,7 +331,7 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
         frames, stamps = sample_frames(local_path, self.vp, self.opts)
         pixels, grid = patchify(frames, self.patch)
         picks = np.linspace(0, len(frames) - 1, min(4, len(frames))).round().astype(int)
-        return Qwen3PreparedVideo(pixels, grid, frames.shape[0], frames[picks], stamps)
+        return Qwen3PreparedVideo(pixels, grid, frames.shape[0], frames[picks], timestamps=stamps)
 
     def setup(self) -> None:
         runtime.import_mindnlp()
