@@ -108,6 +108,7 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     first = run_msrun(meta, *TINY_ARGS, "--journal_flush_rows", "1", log_dir=tmp_path / "log1",
                       env={"CAPTION_FAULTS": "sigkill@1:2"})  # flush each row: the kill lands mid-partition
     assert first.returncode != 0
+    _wait_for_ranks_to_exit(meta)  # a surviving rank ends its batch and journals it after msrun has returned
     assert not _exists(client, s3_bucket, "part-kill/meta_caption_qwen2vl.csv")
     done_before = _journaled_rows(client, s3_bucket, parts_prefix)
     assert done_before  # rows finished before the kill are in the journal
@@ -130,6 +131,22 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     assert sum(s["rows_processed"] for s in second_attempt) == len(rows) - len(done_before)
 
 
+def _wait_for_ranks_to_exit(meta: str, timeout: float = 120) -> None:
+    """Until no process of this machine still runs a caption script on ``meta`` (msrun's survivors included)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if meta in (proc.info["cmdline"] or []):
+                alive.append(proc.pid)
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"caption ranks on {meta} still running after {timeout}s: {alive}")
+
+
 def _assert_captions(out, rows) -> None:
     """Good clips captioned with what they show; broken ones failed with no text."""
     for row, (_, got) in zip(rows, out.iterrows(), strict=True):
@@ -144,13 +161,13 @@ def _exists(client, bucket: str, key: str) -> bool:
 
 
 def _journaled_rows(client, bucket: str, prefix: str) -> set[int]:
-    """Rows journaled as captioned (failed rows are retried by the next attempt, so they don't count)."""
+    """Rows journaled final: captioned, or failed on bad data (transient rows are retried, so they don't count)."""
     rows = set()
     for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
         if obj["Key"].endswith(".jsonl"):
             body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
             records = [json.loads(line) for line in body.splitlines() if line.strip()]
-            rows.update(r["row"] for r in records if r["status"] == "ok")
+            rows.update(r["row"] for r in records if r["status"] in ("ok", "failed"))
     return rows
 
 
