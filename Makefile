@@ -26,8 +26,6 @@ demo: setup
 
 train-tiny: setup
 	$(PY) tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
-	$(PY) tools/train_tiny_qwen2vl.py --arch qwen2_5vl --out tiny_models/qwen2_5vl --init_text_from tiny_models/qwen2vl \
-		--stages 10000:4e-4:1.0:plain,8000:3e-4:0.75:aug,5000:2e-4:0.75:aug
 	$(PY) tools/train_tiny_qwen3vl.py --out tiny_models/qwen3vl --warm_start tiny_models/qwen2vl
 	$(PY) tools/train_tiny_pllava.py --out tiny_models/pllava --lora_out tiny_models/pllava-lora
 
