@@ -28,6 +28,7 @@ SPECS = PARTITION_SPECS[:8]  # 240p to 720p, portrait and landscape, 1-3 s, 24-3
 MODEL_ARGS = {
     "qwen2vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
     "qwen2_5vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
+    "qwen3vl": [],  # the checkpoint's video processor settings, which it was trained with
     "pllava": ["--pooling_shape", "4-4-4"],  # what the tiny PLLaVA was trained with
 }
 
@@ -44,7 +45,7 @@ def _captions(model: str, meta: Path, bs: int | None, out: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("model", ["qwen2vl", "qwen2_5vl", "pllava"])
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen2_5vl", "qwen3vl", "pllava"])
 def test_captions_at_bs8_equal_bs1(model, clip_dir, tmp_path):
     rows = [Row(str(ensure_clip(spec, clip_dir)), spec) for spec in SPECS]
     meta = tmp_path / "meta.csv"
