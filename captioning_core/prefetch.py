@@ -106,15 +106,18 @@ class BytePrefetcher:
 
     def get(self, block: bool = True) -> tuple[object, int] | None:
         """The next prepared item in row order, or None when every row has been handed out. With
-        ``block=False``, NOT_READY when the next item is still being prepared (or not started)."""
+        ``block=False``, NOT_READY when the next item is still being prepared (or not started); also with
+        ``block=True`` when the consumer's unreleased items leave no room in the byte budget."""
         with self._lock:
             if not self._futures:
                 if not block:
                     self._pump()
                     return None if self._exhausted and not self._futures else NOT_READY
-                self._pump(force=True)
+                # Start one regardless of the budget only when the consumer holds nothing; while it holds
+                # prepared items (a pool being assembled) the budget stands: NOT_READY says "use what you have".
+                self._pump(force=self.held == 0)
             if not self._futures:
-                return None
+                return None if self._exhausted else NOT_READY
             if not block and not self._futures[0].done():
                 return NOT_READY
             future = self._futures.popleft()
