@@ -32,7 +32,7 @@ def nbytes(obj: object, _depth: int = 0) -> int:
     return sum(nbytes(v, _depth + 1) for v in fields.values()) if fields else 0
 
 
-#: ``BytePrefetcher.get(block=False)``: the next item is not prepared yet
+#: ``BytePrefetcher.get``: the next item is not prepared yet, or (``past_budget=False``) does not fit the budget
 NOT_READY = ("not ready", -1)
 
 
@@ -101,21 +101,23 @@ class BytePrefetcher:
         return item, size
 
     def __iter__(self) -> Iterator[tuple[object, int]]:
-        while (got := self.get()) is not None:
+        """Every item in row order, waiting as needed; the consumer may hold several before releasing."""
+        while (got := self.get(past_budget=True)) is not None:
             yield got
 
-    def get(self, block: bool = True) -> tuple[object, int] | None:
-        """The next prepared item in row order, or None when every row has been handed out. With
-        ``block=False``, NOT_READY when the next item is still being prepared (or not started); also with
-        ``block=True`` when the consumer's unreleased items leave no room in the byte budget."""
+    def get(self, block: bool = True, past_budget: bool = False) -> tuple[object, int] | None:
+        """The next prepared item in row order, or None when every row has been handed out.
+
+        ``block=False``: NOT_READY when the next item is still being prepared (or not started).
+        ``block=True``: waits for it. When nothing is in flight because the consumer's unreleased items fill
+        the byte budget, one more is started past the budget only if ``past_budget`` or the consumer holds
+        nothing; otherwise NOT_READY says "use what you hold" (the runner's pool then batches what it has)."""
         with self._lock:
             if not self._futures:
                 if not block:
                     self._pump()
                     return None if self._exhausted and not self._futures else NOT_READY
-                # Start one regardless of the budget only when the consumer holds nothing; while it holds
-                # prepared items (a pool being assembled) the budget stands: NOT_READY says "use what you have".
-                self._pump(force=self.held == 0)
+                self._pump(force=past_budget or self.held == 0)
             if not self._futures:
                 return None if self._exhausted else NOT_READY
             if not block and not self._futures[0].done():

@@ -89,6 +89,23 @@ def test_prefetcher_get_without_blocking_reports_not_ready_then_the_item():
         fetcher.close()
 
 
+def test_prefetcher_blocking_get_keeps_the_budget_while_the_consumer_holds_items():
+    """A pool being assembled gets NOT_READY, not an item past the budget; once it releases, or when it
+    asks with ``past_budget`` (as iteration does), the next item comes."""
+    fetcher = BytePrefetcher([0, 1, 2], lambda row: row, lambda item: 60, budget=100, max_items=4, workers=2)
+    try:
+        assert fetcher.get() == (0, 60)
+        assert fetcher.get() is NOT_READY and fetcher.held == 60  # 60 + 60 > 100: row 1 not started
+        assert fetcher.get(past_budget=True) == (1, 60) and fetcher.held == 120
+        fetcher.release(60)
+        fetcher.release(60)
+        assert fetcher.get() == (2, 60)
+        fetcher.release(60)
+        assert fetcher.get() is None
+    finally:
+        fetcher.close()
+
+
 # -- the runner ---------------------------------------------------------------------------------------------
 class TokenColourCaptioner(ColourCaptioner):
     """ColourCaptioner that reports a prompt length growing with the clip's sampled frames, and records
