@@ -28,6 +28,9 @@ REGION = "us-east-1"
 # weed mini's plugin worker dials the admin gRPC server at admin http port + 10000, whatever -admin.port.grpc says.
 ADMIN_GRPC_OFFSET = 10000
 _SOCKET_PATH_MAX = 100
+# Volumes are sparse files; a test session makes a bucket (a collection, one volume or more) per test.
+VOLUME_SIZE_MB = 64
+MAX_VOLUMES = 1000
 
 
 def find_weed() -> Path:
@@ -172,6 +175,11 @@ class SeaweedS3:
             "-s3.port.lance=0",
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",
+            # Every bucket is a collection with at least one volume of its own. Left to itself weed sizes
+            # volumes from the disk (1 GB each with 60 GB free: 59 volumes), so a long test session ran out
+            # of volumes and PutObject failed with InternalError. Small, many volumes (sparse files) instead.
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+            f"-volume.max={MAX_VOLUMES}",
             f"-filer.localSocket={self._socket_dir / 'filer.sock'}",
             f"-s3.localSocket={self._socket_dir / 's3.sock'}",
             *self.ports.flags(),
