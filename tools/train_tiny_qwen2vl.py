@@ -83,7 +83,8 @@ def model_class(arch: str):
     return getattr(transformers, ARCHS[arch][1])
 
 
-def build_model(tok, arch: str = "qwen2vl"):
+def build_model(tok, arch: str = "qwen2vl", warm: bool = False):
+    """``warm``: a Qwen2.5-VL to be warm-started from the tiny Qwen2-VL (its vision MLP uses quick_gelu)."""
     import transformers
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in tok.additional_special_tokens + [tok.pad_token, tok.eos_token]}
@@ -91,7 +92,7 @@ def build_model(tok, arch: str = "qwen2vl"):
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False),
-        vision_config=VISION[arch],
+        vision_config=dict(VISION[arch], **({"hidden_act": "quick_gelu"} if warm else {})),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -100,15 +101,65 @@ def build_model(tok, arch: str = "qwen2vl"):
     return model_class(arch)(cfg)
 
 
+# Saved checkpoints use the legacy names (``visual.``, ``model.layers.``); transformers 4.57 modules nest the
+# language model and vision tower under ``model.``.
+LEGACY_PREFIXES = [("visual.", "model.visual."), ("model.layers.", "model.language_model.layers."),
+                   ("model.norm.", "model.language_model.norm."),
+                   ("model.embed_tokens.", "model.language_model.embed_tokens.")]
+
+
+def current_name(key: str) -> str:
+    for old, new in LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def copy_text_weights(model, source_dir: str) -> int:
     """Start the language model (embeddings, decoder, head) from a trained checkpoint of the same text shape."""
     from safetensors.torch import load_file
 
-    source = load_file(str(Path(source_dir) / "model.safetensors"))
+    source = {current_name(k): v for k, v in load_file(str(Path(source_dir) / "model.safetensors")).items()}
     own = model.state_dict()
     text = {k: v for k, v in source.items() if not k.startswith("model.visual.") and k in own}
+    if not any(k.startswith("model.language_model.layers.") for k in text):
+        raise SystemExit(f"no decoder weights matched in {source_dir}")
     model.load_state_dict(text, strict=False)
     return len(text)
+
+
+def warm_start_qwen2_5vl(model, qwen2vl_dir: str) -> None:
+    """Start a tiny Qwen2.5-VL from the tiny Qwen2-VL: its language model as is, and its vision tower mapped
+    onto Qwen2.5-VL's as closely as the architectures allow.
+
+    Patch embedding, attention and merger copy over. The gated MLP down(act(gate(x)) * up(x)) becomes
+    Qwen2-VL's fc2(act(fc1(x))) exactly with gate = fc1, up = 0·x + 1 and down = fc2 (the model is built with
+    Qwen2-VL's quick_gelu). LayerNorm becomes RMSNorm: the scale copies and the shift is folded into the
+    bias of the layer that reads the norm, so only mean-centring is lost. Block 0's windowed attention and
+    the absolute time positions are what training then has to adapt to.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    src = {current_name(k): v for k, v in load_file(str(Path(qwen2vl_dir) / "model.safetensors")).items()}
+    dst = model.state_dict()
+    new = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    v = "model.visual."
+    for block in range(model.config.vision_config.depth):
+        b = f"{v}blocks.{block}."
+        new[b + "mlp.gate_proj.weight"], new[b + "mlp.gate_proj.bias"] = src[b + "mlp.fc1.weight"], src[b + "mlp.fc1.bias"]
+        new[b + "mlp.up_proj.weight"] = torch.zeros_like(dst[b + "mlp.up_proj.weight"])
+        new[b + "mlp.up_proj.bias"] = torch.ones_like(dst[b + "mlp.up_proj.bias"])
+        new[b + "mlp.down_proj.weight"], new[b + "mlp.down_proj.bias"] = src[b + "mlp.fc2.weight"], src[b + "mlp.fc2.bias"]
+        new[b + "attn.qkv.bias"] = src[b + "attn.qkv.bias"] + src[b + "attn.qkv.weight"] @ src[b + "norm1.bias"]
+        new[b + "mlp.gate_proj.bias"] = new[b + "mlp.gate_proj.bias"] + src[b + "mlp.fc1.weight"] @ src[b + "norm2.bias"]
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    new[v + "merger.mlp.0.bias"] = src[v + "merger.mlp.0.bias"] + src[v + "merger.mlp.0.weight"] @ src[
+        v + "merger.ln_q.bias"].repeat(merge)
+    missing = [k for k in dst if k not in new]
+    if missing:
+        raise SystemExit(f"warm start left these untouched: {missing}")
+    model.load_state_dict(new, strict=True)
 
 
 def video_kwargs(arch: str, grid, sample_fps: float) -> dict:
@@ -208,7 +259,7 @@ def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm, decay = min(1000, steps // 10), int(0.3 * steps)
+    warm, decay = max(1, min(1000, steps // 10)), max(1, int(0.3 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm, (steps - s) / decay))
     model.train()
     t0 = time.time()
@@ -249,22 +300,31 @@ def main() -> int:
     parser.add_argument("--stages", default=DEFAULT_STAGES,
                         help="comma-separated steps:lr:encoded_share:plain|aug (see DEFAULT_STAGES)")
     parser.add_argument("--init", default=None, help="start from this saved model instead of random weights")
+    parser.add_argument("--warm_start", default=None,
+                        help="qwen2_5vl only: a tiny Qwen2-VL dir to start both towers from (see warm_start_qwen2_5vl)")
+    parser.add_argument("--stop_when_right", action="store_true",
+                        help="evaluate after every stage, keep the best model, stop once every held-out clip is right")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip_cache", default=None, help="where to keep rendered clips (default: a temp dir)")
     args = parser.parse_args()
+    if args.warm_start and (args.arch != "qwen2_5vl" or args.init):
+        parser.error("--warm_start is for a new --arch qwen2_5vl model (not with --init)")
 
     import torch
 
     if "mindnlp" in sys.modules:
         raise SystemExit("run under real torch: mindnlp must not be imported")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # a tiny model: threads cost more than they give
     rng = random.Random(args.seed)
     cache = Path(args.clip_cache or tempfile.mkdtemp(prefix="tiny-qwen-clips-"))
     tok = qwen_tokenizer()
     if args.init:  # continue from an earlier run (same tokenizer and architecture)
         model = model_class(args.arch).from_pretrained(args.init)
     else:
-        model = build_model(tok, args.arch)
+        model = build_model(tok, args.arch, warm=bool(args.warm_start))
+        if args.warm_start:
+            warm_start_qwen2_5vl(model, args.warm_start)
     if args.init_text_from:
         log.info("language model from %s: %d tensors", args.init_text_from,
                  copy_text_weights(model, args.init_text_from))
@@ -282,22 +342,53 @@ def main() -> int:
     held = [(ensure_clip(s, cache), s) for s in sorted(held_specs, key=lambda s: s.filename)]
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
-    for number, stage in enumerate(parse_stages(args.stages), start=1):
-        log.info("stage %d: %s", number, stage)
-        train_stage(model, tok, args.arch, train, rng, **stage)
-    model.eval()
+    def evaluate() -> list:
+        wrong = []
+        for path, spec in held:
+            for opts in PROFILES:
+                got = caption(model, tok, args.arch, *prepare(path, opts))
+                if got != spec.caption:
+                    wrong.append((spec.filename, opts.height, got))
+        log.info("held-out: %d/%d right", 2 * len(held) - len(wrong), 2 * len(held))
+        return wrong
 
-    wrong = []
-    for path, spec in held:
-        for opts in PROFILES:
-            got = caption(model, tok, args.arch, *prepare(path, opts))
-            if got != spec.caption:
-                wrong.append((spec.filename, opts.height, got))
-    log.info("held-out: %d/%d right", 2 * len(held) - len(wrong), 2 * len(held))
+    wrong = run_stages(parse_stages(args.stages), lambda stage: train_stage(model, tok, args.arch, train, rng, **stage),
+                       evaluate, lambda: save(model, tok, Path(args.out)), args.stop_when_right)
     for item in wrong:
         log.info("wrong: %s", item)
+    log.info("total %.0fs", time.time() - t0)
+    return 1 if wrong else 0
 
-    out_dir = Path(args.out)
+
+def run_stages(stages: list[dict], train, evaluate, save, stop_when_right: bool, save_each_stage: bool = False) -> list:
+    """Train stage by stage, then evaluate and save; returns the held-out clips got wrong.
+
+    ``stop_when_right``: evaluate after every stage, save only a model better than the best so far, and stop
+    at the first stage with every held-out clip right (the held-out clips then also choose the model).
+    ``save_each_stage``: evaluate and save after every stage (to continue later with ``--init``)."""
+    best = None
+    for number, stage in enumerate(stages, start=1):
+        log.info("stage %d: %s", number, stage)
+        train(stage)
+        if stop_when_right:
+            wrong = evaluate()
+            if best is None or len(wrong) < len(best):
+                best = wrong
+                save()
+            if not wrong:
+                log.info("every held-out clip right after stage %d: stopping", number)
+                break
+        elif save_each_stage and number < len(stages):
+            evaluate()
+            save()
+    if stop_when_right:
+        return best
+    wrong = evaluate()
+    save()
+    return wrong
+
+
+def save(model, tok, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 16
@@ -309,7 +400,6 @@ def main() -> int:
         "merge_size": 2, "image_mean": list(PatchConfig().image_mean), "image_std": list(PatchConfig().image_std),
         "min_pixels": 3136, "max_pixels": 12845056}, indent=1))
     log.info("saved to %s", out_dir)
-    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from tools.train_tiny_qwen2vl import (  # noqa: E402
     QUESTION,
     held_out_specs,
     parse_stages,
+    run_stages,
     training_specs,
 )
 
@@ -320,30 +321,9 @@ def main() -> int:
     held = [(ensure_clip(s, cache), s) for s in sorted(held_specs, key=lambda s: s.filename)]
     log.info("prepared %d training examples in %.1fs", len(train), time.time() - t0)
 
-    stages = parse_stages(args.stages)
-    if args.stop_when_right:  # evaluate after every stage; keep the best model seen; stop once all are right
-        best = None
-        for number, stage in enumerate(stages, start=1):
-            log.info("stage %d: %s", number, stage)
-            train_stage(model, tok, train, rng, **stage)
-            wrong = evaluate(model, tok, held)
-            if best is None or len(wrong) < len(best):
-                best = wrong
-                save(model, tok, Path(args.out))
-            if not wrong:
-                log.info("every held-out clip right after stage %d: stopping", number)
-                break
-        wrong = best
-    else:
-        for number, stage in enumerate(stages, start=1):
-            log.info("stage %d: %s", number, stage)
-            train_stage(model, tok, train, rng, **stage)
-            if args.save_each_stage and number < len(stages):
-                evaluate(model, tok, held)
-                save(model, tok, Path(args.out))
-        model.eval()
-        wrong = evaluate(model, tok, held)
-        save(model, tok, Path(args.out))
+    wrong = run_stages(parse_stages(args.stages), lambda stage: train_stage(model, tok, train, rng, **stage),
+                       lambda: evaluate(model, tok, held), lambda: save(model, tok, Path(args.out)),
+                       args.stop_when_right, args.save_each_stage)
     for item in wrong:
         log.info("wrong: %s", item)
     log.info("total %.0fs", time.time() - t0)
