@@ -78,6 +78,17 @@ def test_readme_option_tables_are_generated_from_the_parsers():
         options_doc.render("no tables here")
 
 
+def test_docs_carry_no_merge_conflict_markers():
+    """A merge once left ``<<<<<<< HEAD`` in the README's layout block; ruff does not read Markdown."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted(root.glob("tiny_models/*/README.md"))]:
+        marked = [n for n, line in enumerate(doc.read_text().splitlines(), 1)
+                  if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+        assert not marked, f"{doc.relative_to(root)}: conflict markers at lines {marked}"
+
+
 def test_caption_py_runs_any_registered_model_and_refuses_others():
     ok = subprocess.run([sys.executable, "-m", "captioning_core.caption", "qwen2_5vl", "--help"],
                         capture_output=True, text=True, timeout=120)
