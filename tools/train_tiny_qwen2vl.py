@@ -252,10 +252,9 @@ def parse_stages(text: str) -> list[dict]:
     return stages
 
 
-def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps: int, lr: float,
-                encoded_share: float, augment: bool) -> None:
-    """One example per step: on this task many small noisy updates escape the early plateau (the model first
-    learns only the colour) far sooner than large batches do."""
+def fit(model, tok, example, *, steps: int, lr: float) -> None:
+    """Train on one example per step: AdamW, warm-up then a linear decay over the last 30%, gradients clipped
+    to 1.0, loss on the answer tokens only. ``example()`` returns (prompt, answer, the model's video inputs)."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -265,20 +264,11 @@ def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps
     t0 = time.time()
     running = 0.0
     for step in range(steps):
-        if rng.random() < encoded_share:  # real h264 clips keep codec artefacts in the mix
-            frames, sample_fps, caption_text = train[rng.randrange(len(train))]
-            if augment:
-                pixels, grid, text = augmented(frames, caption_text, rng)
-            else:
-                (pixels, grid), text = patchify(frames, PatchConfig()), caption_text
-        else:
-            pixels, grid, sample_fps, text = synthetic_example(rng, rng.choice(PROFILES))
-        prompt = prompt_text(tok, grid)
-        enc = tok(prompt + text + "<|im_end|>", return_tensors="pt")
+        prompt, answer, video_inputs = example()
+        enc = tok(prompt + answer + "<|im_end|>", return_tensors="pt")
         labels = enc["input_ids"].clone()
         labels[:, : len(tok(prompt)["input_ids"])] = -100
-        out = model(**enc, pixel_values_videos=torch.tensor(pixels), **video_kwargs(arch, grid, sample_fps),
-                    labels=labels)
+        out = model(**enc, **video_inputs, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -288,6 +278,27 @@ def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps
         if step % 500 == 0:
             log.info("step %d loss %.4f (%.0fs)", step, running, time.time() - t0)
     model.eval()
+
+
+def train_stage(model, tok, arch: str, train: list, rng: random.Random, *, steps: int, lr: float,
+                encoded_share: float, augment: bool) -> None:
+    """One example per step: on this task many small noisy updates escape the early plateau (the model first
+    learns only the colour) far sooner than large batches do."""
+    import torch
+
+    def example():
+        if rng.random() < encoded_share:  # real h264 clips keep codec artefacts in the mix
+            frames, sample_fps, caption_text = train[rng.randrange(len(train))]
+            if augment:
+                pixels, grid, text = augmented(frames, caption_text, rng)
+            else:
+                (pixels, grid), text = patchify(frames, PatchConfig()), caption_text
+        else:
+            pixels, grid, sample_fps, text = synthetic_example(rng, rng.choice(PROFILES))
+        return prompt_text(tok, grid), text, {"pixel_values_videos": torch.tensor(pixels),
+                                              **video_kwargs(arch, grid, sample_fps)}
+
+    fit(model, tok, example, steps=steps, lr=lr)
 
 
 def main() -> int:

@@ -55,6 +55,7 @@ from tools.tiny_vocab import qwen3_tokenizer  # noqa: E402
 from tools.train_tiny_qwen2vl import (  # noqa: E402
     MIRROR,
     QUESTION,
+    fit,
     held_out_specs,
     parse_stages,
     run_stages,
@@ -212,13 +213,7 @@ def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: 
                 augment: bool) -> None:
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm, decay = min(1000, max(1, steps // 10)), max(1, int(0.3 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm, (steps - s) / decay))
-    model.train()
-    t0 = time.time()
-    running = 0.0
-    for step in range(steps):
+    def example():
         if rng.random() < encoded_share:
             frames, stamps, caption_text = train[rng.randrange(len(train))]
             if augment:
@@ -227,21 +222,10 @@ def train_stage(model, tok, train: list, rng: random.Random, *, steps: int, lr: 
                 (pixels, grid), text = patchify(frames, TINY_VP.patch), caption_text
         else:
             pixels, grid, stamps, text = synthetic_example(rng, rng.choice(PROFILES))
-        prompt = prompt_text(tok, grid, stamps)
-        enc = tok(prompt + text + "<|im_end|>", return_tensors="pt")
-        labels = enc["input_ids"].clone()
-        labels[:, : len(tok(prompt)["input_ids"])] = -100
-        out = model(**enc, pixel_values_videos=torch.tensor(pixels), video_grid_thw=torch.tensor([grid]),
-                    labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        running = 0.99 * running + 0.01 * out.loss.item()
-        if step % 1000 == 0:
-            log.info("step %d loss %.4f (%.0fs)", step, running, time.time() - t0)
-    model.eval()
+        return prompt_text(tok, grid, stamps), text, {"pixel_values_videos": torch.tensor(pixels),
+                                                      "video_grid_thw": torch.tensor([grid])}
+
+    fit(model, tok, example, steps=steps, lr=lr)
 
 
 def evaluate(model, tok, held) -> list:
