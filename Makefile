@@ -24,9 +24,21 @@ lint: setup
 demo: setup
 	$(PY) -m demo $(DEMO_ARGS)
 
+QWEN25_STAGES_1 := 3000:2e-4:0.75:aug,3000:1e-4:0.75:aug,2000:5e-5:1.0:plain,2000:5e-5:0.75:aug,2000:3e-5:1.0:plain,2000:3e-5:0.75:aug
+QWEN25_STAGES_2 := 8000:2e-4:0.75:aug,3000:5e-5:0.75:aug,2000:3e-5:1.0:plain,2000:2e-5:0.75:aug,2000:1e-5:1.0:plain,2000:1e-5:0.75:aug
+QWEN25_STAGES_3 := 1500:5e-5:1.0:plain,1500:5e-5:0.75:aug,1500:3e-5:1.0:plain,1500:3e-5:0.75:aug,1500:2e-5:1.0:plain,1500:2e-5:0.75:aug
+
 train-tiny: setup
 	$(PY) tools/train_tiny_qwen2vl.py --out tiny_models/qwen2vl
 	$(PY) tools/train_tiny_qwen3vl.py --out tiny_models/qwen3vl --warm_start tiny_models/qwen2vl
+	# Qwen2.5-VL: the three runs that made tiny_models/qwen2_5vl. The first two exit 1 by design (not every
+	# held-out clip right yet: `-` lets make go on); the last one's exit status counts.
+	-$(PY) tools/train_tiny_qwen2vl.py --arch qwen2_5vl --warm_start tiny_models/qwen2vl --out build/tiny-qwen2_5vl/r1 \
+		--stop_when_right --stages $(QWEN25_STAGES_1)
+	-$(PY) tools/train_tiny_qwen2vl.py --arch qwen2_5vl --init build/tiny-qwen2_5vl/r1 --out build/tiny-qwen2_5vl/r2 \
+		--stop_when_right --stages $(QWEN25_STAGES_2)
+	$(PY) tools/train_tiny_qwen2vl.py --arch qwen2_5vl --init build/tiny-qwen2_5vl/r2 --out tiny_models/qwen2_5vl \
+		--stop_when_right --stages $(QWEN25_STAGES_3)
 	$(PY) tools/train_tiny_pllava.py --out tiny_models/pllava --lora_out tiny_models/pllava-lora
 
 clean:

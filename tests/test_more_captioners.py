@@ -23,11 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 DAGS = Path(__file__).resolve().parent / "airflow_dags"
 SPECS = PARTITION_SPECS[:6]
 # What each tiny model was trained with (Qwen3-VL: its checkpoint's video processor settings).
-OPTIONS = {"qwen3vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5}}
+OPTIONS = {"qwen2_5vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5, "height": 112, "width": 112,
+                         "fps": 2, "min_pixels": 3136},
+           "qwen3vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5}}
 
 
-# tiny_models/qwen2_5vl is partly trained (77/100 held-out, see its README): not accurate enough for this test
-@pytest.mark.parametrize("model", ["qwen3vl"])
+@pytest.mark.parametrize("model", ["qwen2_5vl", "qwen3vl"])
 def test_dag_run_captions_the_held_out_clips(model, s3_server, s3_bucket, tmp_path):
     import pandas as pd
 

@@ -3,7 +3,8 @@
 Same tiny weights, same preprocessed inputs (the production ``prepare`` output, saved by the mindnlp side and
 read by the reference side), fp32. Each side runs in its own process (testkit/parity.py) because mindnlp
 replaces ``torch`` in the process that imports it. Measured here: max |logit difference| 1.4e-5 (Qwen2-VL),
-2.1e-5 (Qwen3-VL) and 5.7e-5 (PLLaVA) on logits up to ~24; the bound leaves room for other CPUs' kernels, not for a wrong op.
+2.9e-5 (Qwen2.5-VL), 2.1e-5 (Qwen3-VL) and 5.7e-5 (PLLaVA) on logits up to ~28; the bound leaves room for other
+CPUs' kernels, not for a wrong op.
 """
 
 from __future__ import annotations
