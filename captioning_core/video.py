@@ -305,6 +305,55 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def resize_frames_float(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of a uint8 (T, H, W, 3) array as torchvision resizes a uint8 tensor (what transformers'
+    fast video processors do): antialiased separable filter (a = -0.5, support scaled when shrinking), width
+    then height, float32 throughout, then clamp and round. ``resize_frames`` (PIL) rounds to uint8 between the
+    two passes and uses fixed-point weights, so it differs by a few grey levels along edges."""
+    if frames.shape[1] == height and frames.shape[2] == width:
+        return frames
+    out = frames.astype(np.float32)
+    out = _resample_axis(out, 2, width)
+    out = _resample_axis(out, 1, height)
+    return np.round(np.clip(out, 0.0, 255.0)).astype(np.uint8)
+
+
+def _bicubic_aa(x: np.ndarray) -> np.ndarray:
+    a = np.float32(-0.5)
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, np.float32(0))).astype(np.float32)
+
+
+def _resample_axis(data: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """One antialiased bicubic pass along ``axis``: per output index, taps and normalised weights computed
+    and accumulated in float32, tap by tap (the order of torch's CPU kernel)."""
+    length = data.shape[axis]
+    if length == size:
+        return data
+    scale = np.float32(length / size)
+    support = np.float32(2.0) * scale if scale >= 1 else np.float32(2.0)
+    invscale = np.float32(1.0) / scale if scale >= 1 else np.float32(1.0)
+    centers = scale * (np.arange(size, dtype=np.float32) + np.float32(0.5))
+    xmin = np.maximum((centers - support + np.float32(0.5)).astype(np.int64), 0)
+    xmax = np.minimum((centers + support + np.float32(0.5)).astype(np.int64), length)
+    taps = int((xmax - xmin).max())
+    j = np.arange(taps)
+    idx = xmin[:, None] + j[None, :]
+    weights = _bicubic_aa((idx.astype(np.float32) - centers[:, None] + np.float32(0.5)) * invscale)
+    weights[idx >= xmax[:, None]] = 0
+    total = weights.sum(axis=1, dtype=np.float32)
+    weights = np.where(total[:, None] != 0, weights / np.where(total == 0, 1, total)[:, None], weights)
+    idx = np.minimum(idx, length - 1)
+    moved = np.moveaxis(data, axis, 0)
+    acc = np.zeros((size, *moved.shape[1:]), dtype=np.float32)
+    shape = (size,) + (1,) * (moved.ndim - 1)
+    for tap in range(taps):
+        acc += moved[idx[:, tap]] * weights[:, tap].reshape(shape)
+    return np.moveaxis(acc, 0, axis)
+
+
 def _short(err: BaseException, limit: int = 300) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     return text if len(text) <= limit else text[:limit] + "..."

@@ -223,7 +223,7 @@ def fit_frames(frames: np.ndarray, indices: list[int], video_fps: float, vp: Vid
         if keep < n:
             picks = np.linspace(0, n - 1, keep).round().astype(int)
             frames, indices = frames[picks], [indices[i] for i in picks]
-    return video.resize_frames(frames, height, width), group_timestamps(indices, video_fps, pc.merge_size)
+    return video.resize_frames_float(frames, height, width), group_timestamps(indices, video_fps, pc.merge_size)
 
 
 def video_prompt(grid_thw: tuple[int, int, int], timestamps: tuple[float, ...], merge: int = 2) -> str:
