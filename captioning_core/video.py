@@ -344,7 +344,7 @@ def _resample_axis(data: np.ndarray, axis: int, size: int) -> np.ndarray:
     weights = _bicubic_aa((idx.astype(np.float32) - centers[:, None] + np.float32(0.5)) * invscale)
     weights[idx >= xmax[:, None]] = 0
     total = weights.sum(axis=1, dtype=np.float32)
-    weights = np.where(total[:, None] != 0, weights / np.where(total == 0, 1, total)[:, None], weights)
+    weights /= np.where(total == 0, 1, total)[:, None]  # an all-zero row stays zero
     idx = np.minimum(idx, length - 1)
     moved = np.moveaxis(data, axis, 0)
     acc = np.zeros((size, *moved.shape[1:]), dtype=np.float32)

@@ -152,12 +152,12 @@ def warm_start_qwen2_5vl(model, qwen2vl_dir: str) -> None:
     v = "model.visual."
     for block in range(model.config.vision_config.depth):
         b = f"{v}blocks.{block}."
-        new[b + "mlp.gate_proj.weight"], new[b + "mlp.gate_proj.bias"] = src[b + "mlp.fc1.weight"], src[b + "mlp.fc1.bias"]
+        new[b + "mlp.gate_proj.weight"] = src[b + "mlp.fc1.weight"]
+        new[b + "mlp.gate_proj.bias"] = src[b + "mlp.fc1.bias"] + src[b + "mlp.fc1.weight"] @ src[b + "norm2.bias"]
         new[b + "mlp.up_proj.weight"] = torch.zeros_like(dst[b + "mlp.up_proj.weight"])
         new[b + "mlp.up_proj.bias"] = torch.ones_like(dst[b + "mlp.up_proj.bias"])
         new[b + "mlp.down_proj.weight"], new[b + "mlp.down_proj.bias"] = src[b + "mlp.fc2.weight"], src[b + "mlp.fc2.bias"]
         new[b + "attn.qkv.bias"] = src[b + "attn.qkv.bias"] + src[b + "attn.qkv.weight"] @ src[b + "norm1.bias"]
-        new[b + "mlp.gate_proj.bias"] = new[b + "mlp.gate_proj.bias"] + src[b + "mlp.fc1.weight"] @ src[b + "norm2.bias"]
     merge = model.config.vision_config.spatial_merge_size ** 2
     new[v + "merger.mlp.0.bias"] = src[v + "merger.mlp.0.bias"] + src[v + "merger.mlp.0.weight"] @ src[
         v + "merger.ln_q.bias"].repeat(merge)
