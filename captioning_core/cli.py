@@ -14,7 +14,9 @@ checked by tests/test_cli.py) follow from them.
 S3 endpoint and credentials are read from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY), never from argv. Exit codes: 0 done (this rank's rows are final; per-row data
 failures are in the output), 2 bad input found before any model load, 3 rows left for the next attempt
-after transient (environment) errors, with a one-line account in the log; 1 anything else.
+after transient (environment) errors, with a one-line account in the log, or because the attempt lost the
+partition lease the operator passed in ``CAPTION_LEASE`` (``lease_fence``: nothing is published then);
+1 anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 
 from captioning_core import storage
 from captioning_core.config import DEVICE_TARGETS, DTYPES, GATHER_MODES, RunConfig
+from captioning_core.lease_fence import LeaseLostError
 from captioning_core.sharding import rank_from_env
 
 log = logging.getLogger("captioning_core.cli")
@@ -143,6 +146,9 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
                 _rebuild_beside(cfg)
             return 0
         return run(cfg, info, faults)
+    except LeaseLostError as err:  # another attempt holds the partition now; it publishes, not us
+        log.error("%s", err)
+        return EXIT_RETRY
     except Exception as err:
         if storage.is_transient(err) or storage.is_access_denied(err):
             log.error("attempt failed on an environment error, nothing published; the next attempt resumes: "
@@ -164,6 +170,7 @@ def _rebuild_beside(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, info, faults=None) -> int:
     from captioning_core import runtime
     from captioning_core.faults import FaultPlan
+    from captioning_core.lease_fence import LeaseFence
     from captioning_core.metadata import PartitionError, read_partition
     from captioning_core.models import captioner_class
     from captioning_core.models.base import ModelDirError, check_model_dir
@@ -182,7 +189,7 @@ def run(cfg: RunConfig, info, faults=None) -> int:
     log_settings(cfg, info)
     runtime.configure(cfg.device_target)
     faults = faults if faults is not None else FaultPlan.from_env(info.rank)
-    stats = RankRunner(cfg, info, captioner_cls(cfg), faults).run()
+    stats = RankRunner(cfg, info, captioner_cls(cfg), faults, fence=LeaseFence.from_env()).run()
     log.info("rank stats %s", stats.to_dict())
     if stats.needs_retry:
         log.error("%s", stats.account())

@@ -16,6 +16,7 @@ from dataclasses import replace
 from captioning_core import gallery, journal, metadata, storage
 from captioning_core.config import RunConfig
 from captioning_core.fingerprint import SUMMARY_KEY
+from captioning_core.lease_fence import LeaseFence
 from captioning_core.metadata import STATUS_OK, Partition
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,13 @@ def final_results(cfg: RunConfig, partition: Partition, fp_id: str) -> tuple[dic
 
 
 def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int, str] | None = None,
-            faults=None) -> bool:
+            faults=None, fence: LeaseFence | None = None) -> bool:
     """Publish the final output if every row has a final result; returns whether this call published.
 
     With ``skip_if_existing`` the write is conditional (first publisher wins); without it the output is
     replaced atomically (that is how a partition is recaptioned). Either way readers never see a partial object.
+    With a ``fence``, the summary and the output are written only while the attempt holds the partition lease
+    (:class:`LeaseLostError` otherwise).
     """
     raw, results, pending = final_results(cfg, partition, fp["id"])
     if pending:
@@ -48,9 +51,13 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
     if cfg.skip_if_existing and storage.exists(cfg.output):
         log.info("output already published by another rank or attempt: %s", cfg.output)
         return False
+    if fence is not None:
+        fence.check()
     summary = write_beside(cfg, fp, results)
     if faults is not None:
         faults.before_output()
+    if fence is not None:
+        fence.check()
     if cfg.skip_if_existing:
         published = storage.put_if_absent(cfg.output, body)
     else:

@@ -28,6 +28,7 @@ from captioning_core import fingerprint, gallery, journal, metadata, runtime, st
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import STATUS_TRANSIENT, RowResult
+from captioning_core.lease_fence import LeaseFence
 from captioning_core.metadata import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.models.base import Captioner
 from captioning_core.paths import resolve_video
@@ -204,6 +205,7 @@ class RankRunner:
     info: RankInfo
     captioner: Captioner
     faults: FaultPlan = field(default_factory=FaultPlan)
+    fence: LeaseFence | None = None  # publish only while the attempt holds the partition lease
 
     def run(self) -> RankStats:
         cfg, info = self.cfg, self.info
@@ -230,7 +232,7 @@ class RankRunner:
             return self._finish_allgather(partition, gathered, stats)
         self._write_stats(stats)
         if not stats.needs_retry:
-            publish(cfg, partition, self.fingerprint, faults=self.faults)
+            publish(cfg, partition, self.fingerprint, faults=self.faults, fence=self.fence)
         return stats
 
     def _preflight(self, partition: Partition, row: int, previous: dict, stats: RankStats) -> bool:
@@ -508,5 +510,6 @@ class RankRunner:
             if row >= 0 and ok:
                 decoded[row] = ids[:n]
         publish(self.cfg, partition, self.fingerprint, overrides={r: self.captioner.decode(i)
-                                                                  for r, i in decoded.items()}, faults=self.faults)
+                                                                  for r, i in decoded.items()}, faults=self.faults,
+                fence=self.fence)
         return stats

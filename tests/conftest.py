@@ -46,6 +46,18 @@ def s3_bucket(s3_server: SeaweedS3) -> str:
     return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
 
 
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """This process's ``captioning_core.storage`` pointed at the test S3 server (a fresh client each way)."""
+    from captioning_core import storage
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    storage.s3_client.cache_clear()
+    yield monkeypatch
+    storage.s3_client.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """A started PostgreSQL for the whole session; stopped by PID and deleted at the end."""

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    storage.s3_client.cache_clear()
-    yield monkeypatch
-    storage.s3_client.cache_clear()
-
-
-@pytest.fixture
 def clips(tmp_path_factory, broken_clips):
     from testkit.clips import ensure_clip
     from testkit.demo_clips import PARTITION_SPECS

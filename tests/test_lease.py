@@ -4,9 +4,10 @@
 - a holder whose process is gone is taken over at once by a contender on the same host (not after the TTL),
   and the dead holder's msrun, if it somehow survived, is killed first;
 - a stolen lease is noticed within one renewal period, and release never deletes someone else's lease;
+- the publish fence: a rank whose attempt no longer holds the lease never writes the output;
 - through Airflow: a task SIGKILLed with its msrun is taken over within seconds by the next attempt on this
-  host; that attempt, its lease stolen, stops msrun within one renewal period and fails; the one after
-  completes the partition with nothing lost or duplicated.
+  host; that attempt, its lease stolen, stops msrun within one renewal period, publishes nothing and fails;
+  the one after completes the partition with nothing lost or duplicated.
 """
 
 from __future__ import annotations
@@ -123,6 +124,44 @@ def test_a_stolen_lease_is_lost_within_one_renewal_and_release_leaves_it(s3_serv
     assert json.loads(client.get_object(Bucket=s3_bucket, Key="s.lease")["Body"].read())["token"] == "thief"
 
 
+def test_the_publish_fence_holds_only_while_the_lease_is_ours_with_time_left(s3_server, s3_bucket, s3_env):
+    from captioning_core.lease_fence import LeaseFence, LeaseLostError
+
+    client = _client(s3_server)
+    lease = S3Lease(client, s3_bucket, "f/out.csv.lease", holder="me", ttl=8)
+    fence = lease.fence()
+    with pytest.raises(LeaseLostError, match="not provably ours: cannot read it"):
+        LeaseFence(fence.uri, fence.token, fence.ttl, wait=0).check()  # not acquired yet: no such object
+    lease.acquire(wait=5)
+    assert LeaseFence.from_env() is None  # no CAPTION_LEASE: the CLI on its own is not fenced
+    s3_env.setenv(*next(iter(fence.env().items())))
+    assert LeaseFence.from_env() == fence
+    fence.check()  # ours, renewed every 2 s: at least 6 s of the 8 s ttl left
+
+    # renewals failing (S3 trouble at the holder): near expiry the fence waits, and passes once one lands
+    lease._stop.set()
+    near = {"token": lease.token, "expires_at": time.time() + 1}
+    client.put_object(Bucket=s3_bucket, Key="f/out.csv.lease", Body=json.dumps(near).encode())
+    with pytest.raises(LeaseLostError, match=r"not provably ours: it expires in"):
+        LeaseFence(fence.uri, fence.token, fence.ttl, wait=1.5, poll=0.5).check()
+    renewal = threading.Timer(1.0, lambda: client.put_object(
+        Bucket=s3_bucket, Key="f/out.csv.lease",
+        Body=json.dumps({**near, "expires_at": time.time() + 8}).encode()))
+    renewal.start()
+    started = time.monotonic()
+    LeaseFence(fence.uri, fence.token, fence.ttl, wait=10, poll=0.25).check()
+    assert 0.9 <= time.monotonic() - started < 5
+    renewal.join()
+
+    # taken over: refused at once, whatever time the new holder's lease has left
+    client.put_object(Bucket=s3_bucket, Key="f/out.csv.lease",
+                      Body=json.dumps({"token": "next", "expires_at": time.time() + 600}).encode())
+    started = time.monotonic()
+    with pytest.raises(LeaseLostError, match="held by next; not publishing"):
+        fence.check()
+    assert time.monotonic() - started < 2
+
+
 # -- through Airflow, real msrun ------------------------------------------------------------------------
 DAGS = Path(__file__).resolve().parent / "airflow_dags"
 DATE = "2026-11-24"
@@ -216,6 +255,9 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     assert stopped_after <= 2 + 4 + 3  # one renewal period + kill_grace + polling slack
     assert [(t, s) for _, t, s in env_b.task_tries("caption_drill", "caption")] == [(1, "failed")]
     assert json.loads(client.get_object(Bucket=s3_bucket, Key=lease_key)["Body"].read())["token"] == "thief"
+    # B's ranks publish nothing, even one that finished its rows before msrun was stopped (the publish fence)
+    assert "lease/captions.csv" not in [o["Key"] for o in client.list_objects_v2(
+        Bucket=s3_bucket, Prefix="lease/captions.csv").get("Contents", [])]
 
     # 4. once the thief's lease expires, attempt C completes the partition: nothing lost or duplicated
     env_c, c = start("airflow-c")
@@ -224,6 +266,8 @@ def test_takeover_after_sigkill_then_a_stolen_lease_stops_msrun(s3_server, s3_bu
     finally:
         c.kill()
     assert c.proc.returncode == 0, out_c[-5000:]
+    assert "taking over expired lease" in out_c  # C waited out the thief's lease, then captioned
+    assert '"CAPTION_LEASE": "{' in out_c  # its ranks were told the lease to check before they published
     out = pd.read_csv(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="lease/captions.csv")["Body"].read()),
                       dtype=str, keep_default_na=False)
     assert out["path"].tolist() == [r.path for r in rows]

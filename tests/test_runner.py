@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,17 +111,6 @@ def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
     assert len(thumbs["Contents"]) == 6  # one strip per decodable video
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    from captioning_core import storage
-
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    storage.s3_client.cache_clear()
-    yield
-    storage.s3_client.cache_clear()
-
-
 def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
@@ -134,6 +124,38 @@ def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket,
     assert sum(s.rows_skipped for s in stats) == 3
     assert sum(s.rows_processed for s in stats) == len(rows) - 3
     assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 1
+    out = _output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+
+
+def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_bucket, clips, s3_env):
+    """The publish fence. The lease is stolen while the rank captions: the rank finishes its rows (journaled)
+    but writes no output and no summary. The attempt that holds the lease next publishes, captioning nothing."""
+    from captioning_core.lease_fence import LeaseLostError
+    from operators.lease import S3Lease
+
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "p", clips)
+    cfg = _cfg(meta)
+    lease_key = cfg.output.split("/", 3)[3] + ".lease"
+    stale = S3Lease(client, s3_bucket, lease_key, holder="stale", ttl=8)
+    stale.acquire(wait=5)
+    thief = {"token": "thief", "expires_at": time.time() + 600}
+    client.put_object(Bucket=s3_bucket, Key=lease_key, Body=json.dumps(thief).encode())
+    with pytest.raises(LeaseLostError, match="held by thief; not publishing"):
+        RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), fence=stale.fence()).run()
+    stale.release()
+    assert not _exists(client, cfg.output) and not _exists(client, cfg.summary_uri)
+    assert all(journal.is_final(res, cfg.max_row_attempts)
+               for res in journal.load(cfg.parts_prefix, [r.path for r in rows]).values())
+
+    client.delete_object(Bucket=s3_bucket, Key=lease_key)  # the thief is done with it
+    holder = S3Lease(client, s3_bucket, lease_key, holder="next", ttl=8)
+    holder.acquire(wait=5)
+    ColourCaptioner.generate_calls.clear()
+    stats = RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), fence=holder.fence()).run()
+    holder.release()
+    assert (stats.rows_skipped, ColourCaptioner.generate_calls) == (len(rows), [])
     out = _output(client, cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
 

@@ -363,6 +363,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                     lease.acquire(wait=self.lease_wait, cancel=self._killed)
                 except LeaseCancelled as err:
                     raise AirflowFailException(str(err)) from err
+                rank_env = {**rank_env, **lease.fence().env()}  # the ranks publish only while we hold it
             try:
                 if self.skip_if_existing and not self._recaptioning and self._finished(hook):
                     self.log.info("another attempt finished %s while we waited", self.output_uri)

@@ -6,6 +6,8 @@
   condition means someone else holds the lease now: the lease is *lost*, ``on_lost`` runs (the operator stops
   msrun) and the attempt fails. A holder that cannot reach S3 until its own expiry also counts as lost,
   since a contender may take over from then on.
+- The ranks are told the lease's token (``fence()``, passed as ``CAPTION_LEASE``) and check it right before
+  they publish, so a rank that finishes in the moments between a theft and msrun's stop writes nothing.
 - Release deletes with ``If-Match`` on our ETag, so a holder that lost the lease never deletes its successor's.
 - Takeover, with ``If-Match`` on the ETag read, so of two contenders exactly one wins: when the lease has
   expired (``ttl``, about a minute), or at once when the holder ran on this very host (same boot id) and its
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from captioning_core import storage
+from captioning_core.lease_fence import LeaseFence
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,10 @@ class S3Lease:
         log.info("acquired lease %s (renewed every %.0fs, ttl %.0fs)", self.uri, self.renew_every, self.ttl)
         self._thread = threading.Thread(target=self._renew_loop, name="lease-heartbeat", daemon=True)
         self._thread.start()
+
+    def fence(self) -> LeaseFence:
+        """What the ranks check before they publish (``captioning_core.lease_fence``)."""
+        return LeaseFence(self.uri, self.token, self.ttl)
 
     def record_child(self, pid: int) -> None:
         """Note the launched msrun in the lease, so a same-host successor can tell if it outlived us."""
