@@ -28,6 +28,7 @@ printed as such, never hidden.
    released config of Qwen2-VL-2B-Instruct / Qwen2.5-VL-3B-Instruct (`--realsize`), bf16 sharded safetensors
    as released, loaded through the production captioner under mindnlp on CPU, one 8-token generate on a short
    clip per `--dtypes` entry: load seconds, peak RSS vs the weights' bytes, which dtypes MindSpore's CPU runs
+12. a rank's start-up: ``runtime.import_mindnlp()`` vs a plain ``import mindnlp`` (fresh interpreters)
 """
 
 from __future__ import annotations
@@ -768,9 +769,35 @@ def bench_join_loop(work: Path, rounds: int = 2) -> None:
            f"{med(False, 'generate'):.2f} s per call; medians of {rounds}", "report", None)
 
 
+def bench_rank_import(work: Path, rounds: int = 3) -> None:
+    """What each rank pays before its first line of work: ``runtime.import_mindnlp()`` (which leaves out
+    mindnlp's diffusers port) vs a plain ``import mindnlp``, in fresh interpreters, the two alternated."""
+    code = """
+import json, sys, time
+t = time.perf_counter()
+from captioning_core import runtime
+runtime.setup_device("CPU")
+if {skip}:
+    runtime.import_mindnlp()
+else:
+    import mindnlp
+from mindnlp import transformers
+print(json.dumps({{"seconds": time.perf_counter() - t, "diffusers": "diffusers" in sys.modules}}))
+"""
+    runs: dict[bool, list[dict]] = {True: [], False: []}
+    for _ in range(rounds):
+        for skip in (False, True):
+            runs[skip].append(_python(code.format(skip=skip)))
+    med = {skip: sorted(r["seconds"] for r in rs)[len(rs) // 2] for skip, rs in runs.items()}
+    assert not any(r["diffusers"] for r in runs[True]) and all(r["diffusers"] for r in runs[False])
+    report("12 a rank's mindnlp import: `runtime.import_mindnlp()` (diffusers port left out) vs `import mindnlp`",
+           f"{med[True]:.1f} s vs {med[False]:.1f} s ({med[False] / med[True]:.1f}x; medians of {rounds}, "
+           f"alternated)", "report", None)
+
+
 BENCHES = {1: bench_throughput, 3: bench_sampling, 4: bench_resume, 5: bench_million, 6: bench_parse,
            7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget,
-           10: bench_join_loop, 11: bench_realsize}
+           10: bench_join_loop, 11: bench_realsize, 12: bench_rank_import}
 OPT_IN = {11}  # heavy (GBs of checkpoint and RAM, minutes): only with --only
 
 

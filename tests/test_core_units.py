@@ -146,3 +146,31 @@ def test_fault_kinds_for_the_retry_drills_parse_with_any_rank_and_try():
     assert FaultPlan.from_env(1, {"CAPTION_FAULTS": "sigkill@1:2/try1", "AIRFLOW_CTX_TRY_NUMBER": "1"}).kill_after_rows == 2
     with pytest.raises(RuntimeError, match="injected model-runtime error"):
         FaultPlan(runtime_error=True).before_generate([0])
+
+
+def test_import_mindnlp_leaves_the_diffusers_port_out_and_says_so_on_use():
+    """A rank's start-up skips mindnlp's diffusers port (benchmark 12); transformers still comes through
+    mindtorch, and touching the skipped module names it. In a fresh interpreter: mindnlp replaces torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+from captioning_core import runtime
+runtime.setup_device("CPU")
+runtime.import_mindnlp()
+import torch
+from mindnlp import transformers
+assert "diffusers" not in sys.modules, "diffusers was imported"
+assert torch.__name__ == "mindtorch" or "mindtorch" in torch.__file__, torch.__file__
+assert hasattr(transformers, "Qwen2VLForConditionalGeneration")
+try:
+    sys.modules["mindnlp"].diffusers.DiffusionPipeline
+except AttributeError as err:
+    print(err)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mindnlp.diffusers is not loaded by the captioning stage" in proc.stdout
