@@ -254,3 +254,17 @@ def test_broken_kinds_are_what_they_claim(broken_clips: dict[str, Path]) -> None
         assert [s.type for s in container.streams] == ["video"]
         assert sum(1 for _ in container.decode(video=0)) == 0
     assert broken_clips["not_video"].read_text().startswith("this is a text file")
+
+
+def test_airflow_homes_after_the_first_copy_its_migrated_db(s3_server: SeaweedS3, tmp_path: Path) -> None:
+    from testkit import airflow_env
+    from testkit.airflow_env import AirflowEnv
+
+    first = AirflowEnv(tmp_path / "a", s3_server.env(), "postgresql://unused")
+    first.migrate()
+    template = airflow_env._MIGRATED_SQLITE["db"]
+    second = AirflowEnv(tmp_path / "b", s3_server.env(), "postgresql://unused")
+    second.migrate()
+    assert (second.home / "airflow.db").read_bytes() == template.read_bytes()
+    assert second.airflow("db", "check-migrations", "-t", "0").returncode == 0  # the schema is current
+    assert [row for row in second._query("SELECT pool FROM slot_pool")] == [("default_pool",)]
