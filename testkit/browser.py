@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
+
+from testkit.process import stop_process_group
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -62,7 +65,7 @@ def visit(url: str, cookies: dict[str, str] | None = None, settle: float = 6.0, 
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                                  "--remote-debugging-address=127.0.0.1", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 60
@@ -73,9 +76,8 @@ def visit(url: str, cookies: dict[str, str] | None = None, settle: float = 6.0, 
                 page = next(t for t in json.loads(resp.read()) if t["type"] == "page")
             with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
                 return _drive(ws, url, origin, cookies or {}, settle, timeout, screenshot, size)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
+        finally:  # the whole group: renderer and helper processes still write to the profile otherwise
+            stop_process_group(proc, "chromium", steps=((signal.SIGTERM, 5.0),))
 
 
 def _drive(ws, url: str, origin: str, cookies: dict[str, str], settle: float, timeout: float,

@@ -194,15 +194,16 @@ class _ArgvSampler:
     def _loop(self) -> None:
         import psutil
 
-        pids = set()
+        known: set[tuple[int, tuple[str, ...]]] = set()
         while not self._stop.wait(0.2):
             for child in psutil.Process().children(recursive=True):
-                try:
-                    if child.pid not in pids:
-                        pids.add(child.pid)
-                        self.seen.append(child.cmdline())
+                try:  # a child caught between fork and exec shows its parent's argv: keep reading it
+                    argv = tuple(child.cmdline())
                 except psutil.Error:
                     continue
+                if (child.pid, argv) not in known:
+                    known.add((child.pid, argv))
+                    self.seen.append(list(argv))
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
