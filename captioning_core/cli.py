@@ -30,7 +30,7 @@ import sys
 
 from captioning_core import storage
 from captioning_core.config import DEVICE_TARGETS, DTYPES, GATHER_MODES, RunConfig
-from captioning_core.lease_fence import LeaseLostError
+from captioning_core.lease_fence import LeaseFence, LeaseLostError
 from captioning_core.sharding import rank_from_env
 
 log = logging.getLogger("captioning_core.cli")
@@ -170,7 +170,6 @@ def _rebuild_beside(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, info, faults=None) -> int:
     from captioning_core import runtime
     from captioning_core.faults import FaultPlan
-    from captioning_core.lease_fence import LeaseFence
     from captioning_core.metadata import PartitionError, read_partition
     from captioning_core.models import captioner_class
     from captioning_core.models.base import ModelDirError, check_model_dir
