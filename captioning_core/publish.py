@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def final_results(cfg: RunConfig, partition: Partition, fp_id: str) -> tuple[dict, dict, list[int]]:
     """(row -> journaled RowResult, row -> RowResult as published, rows still without a final result)."""
-    raw = journal.load(cfg.parts_prefix, partition.paths, fp_id)
+    raw = journal.load(cfg.layout.parts, partition.paths, fp_id)
     pending = [r for r in range(len(partition)) if journal.needs_retry(raw.get(r), cfg.max_row_attempts)]
     return raw, {r: journal.as_published(res) for r, res in raw.items()}, pending
 
@@ -64,7 +64,7 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
         storage.write_bytes(cfg.output, body)
         published = True
     if published:
-        journal.compact(cfg.parts_prefix, raw)
+        journal.compact(cfg.layout.parts, raw)
         log.info("published %s (%s, fingerprint %s); gallery beside it", cfg.output, journal.counts(results),
                  fp["id"])
     else:
@@ -81,7 +81,7 @@ def write_beside(cfg: RunConfig, fp: dict, results: dict) -> dict:
                **journal.counts(results), **_latest_attempt(ranks),
                "output_tokens_per_row": round(sum(ok_tokens) / len(ok_tokens), 2) if ok_tokens else None,
                SUMMARY_KEY: fp, "ranks": ranks}
-    storage.write_bytes(cfg.summary_uri, json.dumps(summary, indent=1).encode())
+    storage.write_bytes(cfg.layout.summary, json.dumps(summary, indent=1).encode())
     rows = [gallery.GalleryRow(r, res.path, res.status, res.text, res.error, res.tokens, res.thumb)
             for r, res in sorted(results.items())]
     gallery.write_gallery(cfg.output, rows, summary, cfg.max_new_tokens)
@@ -92,8 +92,7 @@ def rebuild_beside(cfg: RunConfig, fp: dict) -> bool:
     """After a skip: if summary or gallery is missing beside an existing output, rebuild them from the
     journal, but only if the journal under this fingerprint reproduces the output byte for byte (otherwise
     it is not the journal that made it). Returns whether anything was written."""
-    index = storage.join(gallery.gallery_prefix(cfg.output), "index.html")
-    if storage.exists(cfg.summary_uri) and storage.exists(index):
+    if storage.exists(cfg.layout.summary) and storage.exists(cfg.layout.gallery_index):
         return False
     partition = metadata.read_partition(cfg.meta_path)
     _, results, pending = final_results(cfg, partition, fp["id"])
@@ -133,7 +132,7 @@ def tokens_per_second_per_rank(stats: list[dict]) -> list[float]:
 
 def _load_rank_stats(cfg: RunConfig) -> list[dict]:
     out = []
-    for uri in storage.list_prefix(storage.join(cfg.parts_prefix, "stats/")):
+    for uri in storage.list_prefix(cfg.layout.stats):
         try:
             out.append(json.loads(storage.read_bytes(uri)))
         except Exception as err:  # stats are informative; never block a publish on them

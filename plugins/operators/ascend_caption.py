@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
+from captioning_core.layout import PartitionLayout
 from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
@@ -103,7 +104,7 @@ class CaptionGalleryLink(_OutputObjectLink):
     """The partition's caption gallery (thumbnails, captions, failures, summary)."""
 
     name = "Caption gallery"
-    suffix = ".gallery/index.html"
+    suffix = PartitionLayout("").gallery_index
 
 
 class CaptionOutputLink(_OutputObjectLink):
@@ -344,7 +345,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                                            f"for a templated dict), got {getattr(self, name)!r:.200}")
         self.output_uri = self.output_uri or default_output(self.meta_path, self.model)
         hook = self._s3_hook()
-        summary_uri = f"{self.output_uri}.summary.json"
+        summary_uri = PartitionLayout(self.output_uri).summary
         started = time.time()
         launched = False
         if not (self.skip_if_existing and self._finished(hook)):
@@ -355,8 +356,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             ti = context["ti"]
             lease = None
             if self._node_rank() <= 0:  # one lease per job: node 0's operator holds it for every node
-                bucket, key = split_s3(self.output_uri)
-                lease = S3Lease(hook.get_conn(), bucket, f"{key}.lease", holder=f"{ti.dag_id}/{ti.run_id}/"
+                bucket, key = split_s3(PartitionLayout(self.output_uri).lease)
+                lease = S3Lease(hook.get_conn(), bucket, key, holder=f"{ti.dag_id}/{ti.run_id}/"
                                 f"{ti.task_id}/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl,
                                 on_lost=self._lease_lost)
                 try:
