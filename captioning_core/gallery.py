@@ -104,7 +104,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
              ("failed", summary.get("failed", 0)), ("skipped (done before)", summary.get("skipped", 0)),
              ("flagged", flagged), ("rows/s", summary.get("rows_per_second", "-")),
              ("model busy", summary.get("model_busy", "-")),
-             ("output tokens/row", summary.get("output_tokens_per_row") or "-"),
+             ("output tokens/row", summary.get("partition_output_tokens_per_row") or "-"),
              ("output tokens/s per rank", " / ".join(str(v) for v in summary.get("output_tokens_per_second_per_rank")
                                                      or []) or "-")]
     head = "".join(f"<div><b>{html.escape(str(v))}</b>{html.escape(k)}</div>" for k, v in cards)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from captioning_core import fingerprint, gallery, journal, metadata, runtime, storage
 from captioning_core.config import RunConfig
@@ -34,71 +34,12 @@ from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes, take_bat
 from captioning_core.progress import Progress
 from captioning_core.publish import publish
 from captioning_core.sharding import RankInfo, rows_for_rank
+from captioning_core.stats import RankStats
 
 log = logging.getLogger(__name__)
 
 #: videos prepared ahead per batch when ``--bs`` sets no cap (prefetch_bytes and the token budget bound it)
 MAX_BATCH_VIDEOS = 256
-
-
-@dataclass
-class RankStats:
-    rank: int
-    world_size: int
-    rows_owned: int = 0
-    rows_skipped: int = 0
-    rows_processed: int = 0
-    captioned: int = 0
-    failed: int = 0
-    transient: int = 0  # rows left for the next attempt after an environment error
-    generate_calls: int = 0
-    output_tokens: int = 0  # new tokens of the captions this attempt generated
-    prefill_tokens: int = 0  # prompt tokens fed to generate, padding included (batches of known token counts)
-    padding_tokens: int = 0  # of which padding: shorter prompts left-padded to the batch's longest
-    load_seconds: float = 0.0
-    busy_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    input_wait_seconds: float = 0.0  # the model loop waiting for decoded videos: >0 means decode-bound
-    prefetch_peak_bytes: int = 0  # most bytes of prepared tensors held at once (bounded by prefetch_bytes)
-    model_loaded: bool = False
-    stopped_early: str = ""  # why the rank stopped before its last row ("" if it did not)
-    last_transient_error: str = ""
-    fingerprint: str = ""
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def busy_fraction(self) -> float:
-        return self.busy_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def output_tokens_per_second(self) -> float:
-        return self.output_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def needs_retry(self) -> bool:
-        """This attempt left work for the next one: the process should exit non-zero."""
-        return bool(self.transient or self.stopped_early)
-
-    def account(self) -> str:
-        """One line for the exit: which rows are left and why."""
-        return (f"rank {self.rank}/{self.world_size}: {self.transient} of {self.rows_owned - self.rows_skipped} rows "
-                f"left for the next attempt after transient errors"
-                f"{'; stopped early: ' + self.stopped_early if self.stopped_early else ''}; last error: "
-                f"{self.last_transient_error}; partition not published")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(busy_fraction=round(self.busy_fraction, 4), rows_per_second=round(self.rows_per_second, 4),
-                   output_tokens_per_second=round(self.output_tokens_per_second, 3),
-                   padding_share=round(self.padding_tokens / self.prefill_tokens, 4) if self.prefill_tokens else None,
-                   decode_seconds_per_row=round(self.decode_seconds / self.rows_processed, 4)
-                   if self.rows_processed else 0.0)
-        return out
 
 
 @dataclass
