@@ -433,7 +433,7 @@ def _journal_like_the_runner(prefix: str, rows: list, ranks: int, flush_rows: in
     its flush policy and chunking); returns the seconds it took."""
     from captioning_core import journal
     from captioning_core.faults import FaultPlan
-    from captioning_core.runner import JournalWriter
+    from captioning_core.journal import JournalWriter
 
     t = time.perf_counter()
     for rank in range(ranks):
@@ -481,7 +481,7 @@ def bench_resume(work: Path) -> None:
 
         for label, flush_rows in (("flush every 64 rows (fast rows)", 64), ("flush every 8 rows (slow rows: "
                                                                             "the 30 s bound hits first)", 8)):
-            prefix = cfg.parts_prefix if flush_rows == 64 else f"s3://{bucket}/slow/out.csv.parts/"
+            prefix = cfg.layout.parts if flush_rows == 64 else f"s3://{bucket}/slow/out.csv.parts/"
             written = _journal_like_the_runner(prefix, rows, ranks=2, flush_rows=flush_rows)
             objects = len([u for u in storage.list_prefix(prefix) if u.endswith(".jsonl")])
             load, got = _timed(journal.load, prefix, paths, fp["id"])

@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
         log.error("%s", err)
         return EXIT_RETRY
     except Exception as err:
-        if storage.is_transient(err) or storage.is_access_denied(err):
+        from captioning_core.errors import TRANSIENT, classify
+
+        if classify(err, "attempt") == TRANSIENT:
             log.error("attempt failed on an environment error, nothing published; the next attempt resumes: "
                       "%s: %s", type(err).__name__, err)
             return EXIT_RETRY

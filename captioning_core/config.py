@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from captioning_core import storage
+from captioning_core.layout import PartitionLayout, default_output_name
 
 DEVICE_TARGETS = ("Ascend", "CPU")
 GATHER_MODES = ("none", "allgather")
@@ -70,13 +71,9 @@ class RunConfig:
             self.output = default_output(self.meta_path, self.model)
 
     @property
-    def parts_prefix(self) -> str:
-        """Where ranks persist finished rows: beside the output, never inside another partition's."""
-        return f"{self.output}.parts/"
-
-    @property
-    def summary_uri(self) -> str:
-        return f"{self.output}.summary.json"
+    def layout(self) -> PartitionLayout:
+        """The objects beside the output: summary, gallery, journal parts and stats, lease."""
+        return PartitionLayout(str(self.output))
 
 
 def default_output(meta_path: str, model: str) -> str:
@@ -84,4 +81,4 @@ def default_output(meta_path: str, model: str) -> str:
     stem, ext = os.path.splitext(meta_path)
     if storage.is_s3(meta_path) and "/" not in meta_path[len(storage.S3_SCHEME):]:
         raise ValueError(f"meta path has no key: {meta_path!r}")
-    return f"{stem}_caption_{model}{ext or '.csv'}"
+    return default_output_name(stem, model, ext)

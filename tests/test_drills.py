@@ -67,7 +67,7 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     cfg = _cfg(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
     deadline = time.monotonic() + 120
-    while not [u for u in storage.list_prefix(cfg.parts_prefix) if u.endswith(".jsonl")]:  # mid-partition
+    while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:  # mid-partition
         assert thread.is_alive() and time.monotonic() < deadline, box
         time.sleep(0.1)
     s3_server.stop()

@@ -123,7 +123,7 @@ def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket,
     stats = _run(cfg, world=2)
     assert sum(s.rows_skipped for s in stats) == 3
     assert sum(s.rows_processed for s in stats) == len(rows) - 3
-    assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 1
+    assert journal.load(cfg.layout.parts, [r.path for r in rows])[3].attempts == 1
     out = _output(client, cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
 
@@ -145,9 +145,9 @@ def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_buc
     with pytest.raises(LeaseLostError, match="held by thief; not publishing"):
         RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), fence=stale.fence()).run()
     stale.release()
-    assert not _exists(client, cfg.output) and not _exists(client, cfg.summary_uri)
+    assert not _exists(client, cfg.output) and not _exists(client, cfg.layout.summary)
     assert all(journal.is_final(res, cfg.max_row_attempts)
-               for res in journal.load(cfg.parts_prefix, [r.path for r in rows]).values())
+               for res in journal.load(cfg.layout.parts, [r.path for r in rows]).values())
 
     client.delete_object(Bucket=s3_bucket, Key=lease_key)  # the thief is done with it
     holder = S3Lease(client, s3_bucket, lease_key, holder="next", ttl=8)
@@ -168,7 +168,7 @@ def test_data_failures_are_final_and_not_retried(s3_server, s3_bucket, clips, s3
     second = _run(cfg)[0]  # no skip_if_existing: nothing is left to do, no model work
     assert (first.rows_processed, first.failed, first.transient) == (8, 2, 0)
     assert (second.rows_processed, second.model_loaded) == (0, False)
-    results = journal.load(cfg.parts_prefix, [r.path for r in rows])
+    results = journal.load(cfg.layout.parts, [r.path for r in rows])
     assert sorted(r.attempts for r in results.values() if r.status == "failed") == [1, 1]
 
 
@@ -211,7 +211,7 @@ def test_consecutive_transient_failures_stop_the_rank_early(s3_server, s3_bucket
     stats = _run(cfg, faults=FaultPlan(runtime_error=True))[0]
     assert stats.rows_processed == 2 and stats.stopped_early.startswith("2 consecutive")
     assert not _exists(client, cfg.output)
-    assert len(journal.load(cfg.parts_prefix, [r.path for r in rows])) == 2  # the rest were never attempted
+    assert len(journal.load(cfg.layout.parts, [r.path for r in rows])) == 2  # the rest were never attempted
 
 
 def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):

@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
+from captioning_core.layout import PartitionLayout
 from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
@@ -103,7 +104,7 @@ class CaptionGalleryLink(_OutputObjectLink):
     """The partition's caption gallery (thumbnails, captions, failures, summary)."""
 
     name = "Caption gallery"
-    suffix = ".gallery/index.html"
+    suffix = PartitionLayout("").gallery_index
 
 
 class CaptionOutputLink(_OutputObjectLink):
@@ -344,7 +345,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                                            f"for a templated dict), got {getattr(self, name)!r:.200}")
         self.output_uri = self.output_uri or default_output(self.meta_path, self.model)
         hook = self._s3_hook()
-        summary_uri = f"{self.output_uri}.summary.json"
+        summary_uri = PartitionLayout(self.output_uri).summary
         started = time.time()
         launched = False
         if not (self.skip_if_existing and self._finished(hook)):
@@ -355,8 +356,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             ti = context["ti"]
             lease = None
             if self._node_rank() <= 0:  # one lease per job: node 0's operator holds it for every node
-                bucket, key = split_s3(self.output_uri)
-                lease = S3Lease(hook.get_conn(), bucket, f"{key}.lease", holder=f"{ti.dag_id}/{ti.run_id}/"
+                bucket, key = split_s3(PartitionLayout(self.output_uri).lease)
+                lease = S3Lease(hook.get_conn(), bucket, key, holder=f"{ti.dag_id}/{ti.run_id}/"
                                 f"{ti.task_id}/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl,
                                 on_lost=self._lease_lost)
                 try:
@@ -426,24 +427,19 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                 "empty": sum(1 for r in ok if not (r.get("text") or "").strip())}
 
     def _result(self, hook, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
+        """The task's XCom: the partition's counts from the summary, and this try's figures (``stats.merge`` of
+        the ranks this try started; ``output_tokens_per_row`` is kept as this try's, the same figure as
+        ``attempt_output_tokens_per_row``; ``partition_output_tokens_per_row`` is the summary's)."""
+        from captioning_core import stats
+
         summary = self._summary(hook, summary_uri)
-        this_try = [s for s in summary.get("ranks", []) if launched and s.get("started_at", 0) >= started]
-        skipped = sum(s.get("rows_skipped", 0) for s in this_try) if launched else summary["rows"]
-        wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
-        busy = sum(s.get("busy_seconds", 0.0) for s in this_try)
-        decoded = sum(s.get("rows_processed", 0) for s in this_try)
-        tokens = sum(s.get("output_tokens", 0) for s in this_try)
-        generated = sum(s.get("captioned", 0) for s in this_try)
+        this_try = stats.merge(stats.since(summary.get("ranks", []), started) if launched else [], digits=4)
         return {"output": self.output_uri, "rows": summary["rows"], "captioned": summary["captioned"],
-                "failed": summary["failed"], "empty": summary.get("empty", 0), "skipped": skipped,
-                "launched": launched, "model_busy": round(busy / wall, 4) if wall else None,
-                "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in this_try), 4),
-                "decode_seconds_per_row": round(sum(s.get("decode_seconds", 0.0) for s in this_try) / decoded, 4)
-                if decoded else None,
-                "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3),
-                "output_tokens_per_row": round(tokens / generated, 2) if generated else None,
-                "output_tokens_per_second_per_rank": [round(s.get("output_tokens_per_second", 0.0), 2)
-                                                      for s in sorted(this_try, key=lambda s: s["rank"])]}
+                "failed": summary["failed"], "empty": summary.get("empty", 0),
+                "skipped": this_try["skipped"] if launched else summary["rows"], "launched": launched,
+                **{k: v for k, v in this_try.items() if k != "skipped"},
+                "output_tokens_per_row": this_try["attempt_output_tokens_per_row"],
+                "partition_output_tokens_per_row": summary.get("partition_output_tokens_per_row")}
 
     def on_kill(self) -> None:
         """Called by the task runner from its SIGTERM handler (and after execution_timeout): only signals."""
