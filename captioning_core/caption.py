@@ -1,7 +1,7 @@
 """msrun entry script for any registered captioner: ``msrun ... captioning_core/caption.py MODEL meta.csv [options]``.
 
 MODEL is a name from ``captioning_core.models.CAPTIONERS`` (qwen2vl, qwen2_5vl, pllava, ...); the seed-named
-scripts beside this one (caption_qwen2vl.py, caption_pllava.py) are the same with the model fixed.
+scripts beside this one (caption_qwen2vl.py, caption_pllava.py) run this one with the model fixed.
 
 msrun starts every worker with the ``python`` found on PATH, not necessarily the one msrun itself runs under;
 if that Python lacks this package or a dependency, say which Python it was and what is missing, instead of a
@@ -22,7 +22,7 @@ if __name__ == "__main__":
         main_any()
     except ModuleNotFoundError as err:  # only the environment can cause this: name it
         raise SystemExit(
-            f"{os.path.basename(__file__)}: cannot import {err.name!r} under {sys.executable} "
+            f"{os.path.basename(globals().get('ENTRY_SCRIPT', __file__))}: cannot import {err.name!r} under {sys.executable} "
             f"(Python {sys.version.split()[0]}). msrun starts each worker with the 'python' found on PATH: "
             "activate the environment where ascend-caption is installed (e.g. '. .venv/bin/activate') or "
             "put its bin directory first on PATH, then run msrun again."

@@ -170,16 +170,16 @@ def _rebuild_beside(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, info, faults=None) -> int:
-    from captioning_core import runtime
+    from captioning_core import runtime, signals
     from captioning_core.faults import FaultPlan
-    from captioning_core.metadata import PartitionError, read_partition
     from captioning_core.models import captioner_class
     from captioning_core.models.base import ModelDirError, check_model_dir
+    from captioning_core.partition_table import PartitionError, read_partition
     from captioning_core.runner import RankRunner
 
     if "RANK_ID" in os.environ:
-        runtime.die_with_parent()
-    runtime.install_sigterm_handler()
+        signals.die_with_parent()
+    signals.install_sigterm_handler()
     captioner_cls = captioner_class(cfg.model)
     try:
         read_partition(cfg.meta_path)
@@ -213,9 +213,9 @@ def run_scheduler(argv: list[str] | None, model: str) -> int:
     with ``--gather allgather`` it must join ``init()``, which serves the cluster until the workers finish."""
     args, _ = build_parser(model).parse_known_args(argv)
     if args.gather == "allgather":
-        from captioning_core import runtime
+        from captioning_core import runtime, signals
 
-        runtime.die_with_parent()
+        signals.die_with_parent()
         runtime.setup_device(args.device_target)
         runtime.init_collective()
     return 0

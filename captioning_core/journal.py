@@ -28,7 +28,7 @@ from captioning_core import storage
 from captioning_core.errors import short_error
 from captioning_core.faults import FaultPlan
 from captioning_core.layout import thumb_name
-from captioning_core.metadata import STATUS_FAILED, STATUS_OK
+from captioning_core.partition_table import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import json
 import logging
 from dataclasses import replace
 
-from captioning_core import gallery, journal, metadata, stats, storage
+from captioning_core import gallery, journal, partition_table, stats, storage
 from captioning_core.config import RunConfig
 from captioning_core.fingerprint import SUMMARY_KEY
 from captioning_core.lease_fence import LeaseFence
-from captioning_core.metadata import STATUS_OK, Partition
+from captioning_core.partition_table import STATUS_OK, Partition
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
     for row, text in (overrides or {}).items():
         if results[row].status == STATUS_OK:
             results[row] = replace(results[row], text=text)
-    body = metadata.serialise(metadata.merge_results(partition, results), cfg.output)
+    body = partition_table.serialise(partition_table.merge_results(partition, results), cfg.output)
     if cfg.skip_if_existing and storage.exists(cfg.output):
         log.info("output already published by another rank or attempt: %s", cfg.output)
         return False
@@ -98,13 +98,13 @@ def rebuild_beside(cfg: RunConfig, fp: dict) -> bool:
     it is not the journal that made it). Returns whether anything was written."""
     if storage.exists(cfg.layout.summary) and storage.exists(cfg.layout.gallery_index):
         return False
-    partition = metadata.read_partition(cfg.meta_path)
+    partition = partition_table.read_partition(cfg.meta_path)
     _, results, pending = final_results(cfg, partition, fp["id"])
     if pending:
         log.warning("summary or gallery missing beside %s, and the journal under fingerprint %s does not cover "
                     "every row (%d missing): not rebuilt", cfg.output, fp["id"], len(pending))
         return False
-    body = metadata.serialise(metadata.merge_results(partition, results), cfg.output)
+    body = partition_table.serialise(partition_table.merge_results(partition, results), cfg.output)
     if body != storage.read_bytes(cfg.output):
         log.warning("summary or gallery missing beside %s, but the output was not made from this journal under "
                     "fingerprint %s: not rebuilt", cfg.output, fp["id"])

@@ -21,14 +21,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from captioning_core import fingerprint, gallery, journal, metadata, runtime, storage
+from captioning_core import fingerprint, gallery, journal, partition_table, signals, storage
 from captioning_core.config import RunConfig
 from captioning_core.errors import TRANSIENT, classify, is_oom, short_error
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import STATUS_TRANSIENT, JournalWriter, RowResult
 from captioning_core.lease_fence import LeaseFence
-from captioning_core.metadata import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.models.base import Captioner
+from captioning_core.partition_table import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.paths import resolve_video
 from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes, take_batch
 from captioning_core.progress import Progress
@@ -68,7 +68,7 @@ class RankRunner:
         self.fingerprint = fingerprint.compute(cfg)
         fp_id = self.fingerprint["id"]
         stats = RankStats(info.rank, info.world_size, fingerprint=fp_id)
-        partition = metadata.read_partition(cfg.meta_path)
+        partition = partition_table.read_partition(cfg.meta_path)
         previous = journal.load(cfg.layout.parts, partition.paths, fp_id)
         owned = rows_for_rank(len(partition), info)
         pending = [r for r in owned if not journal.is_final(previous.get(r), cfg.max_row_attempts)]
@@ -137,7 +137,7 @@ class RankRunner:
         t0 = time.perf_counter()
         try:
             while not stats.stopped_early:
-                runtime.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
+                signals.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
                 while not exhausted and not self._pool_full(pool, ahead):
                     waited = time.perf_counter()
                     got = fetcher.get(block=not self._pool_full(pool, 1))

@@ -19,9 +19,9 @@ import pytest
 from captioning_core import journal
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
-from captioning_core.metadata import PartitionError
 from captioning_core.models.base import Captioner
 from captioning_core.models.qwen2_vl import Qwen2VLOptions, sample_frames
+from captioning_core.partition_table import PartitionError
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from testkit.clips import COLORS, ensure_clip
