@@ -51,18 +51,17 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
     if cfg.skip_if_existing and storage.exists(cfg.output):
         log.info("output already published by another rank or attempt: %s", cfg.output)
         return False
-    if fence is not None:
-        fence.check()
-    summary = write_beside(cfg, fp, results)
+    with storage.retry_budget(fence.check() if fence is not None else None):
+        summary = write_beside(cfg, fp, results)
     if faults is not None:
         faults.before_output()
-    if fence is not None:
-        fence.check()
-    if cfg.skip_if_existing:
-        published = storage.put_if_absent(cfg.output, body)
-    else:
-        storage.write_bytes(cfg.output, body)
-        published = True
+    # the output write may retry only while the lease the fence just saw still runs (lease_fence)
+    with storage.retry_budget(fence.check() if fence is not None else None):
+        if cfg.skip_if_existing:
+            published = storage.put_if_absent(cfg.output, body)
+        else:
+            storage.write_bytes(cfg.output, body)
+            published = True
     if published:
         journal.compact(cfg.layout.parts, raw)
         log.info("published %s (%s, fingerprint %s); gallery beside it", cfg.output, journal.counts(results),
