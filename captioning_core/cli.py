@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
         parser.error(str(err))
     try:
         if cfg.skip_if_existing and storage.exists(cfg.output):
-            log.info("output exists, skipping: %s", cfg.output)
-            if info.rank == 0:
-                _rebuild_beside(cfg)
-            return 0
+            if not _replacement_to_finish(cfg):
+                log.info("output exists, skipping: %s", cfg.output)
+                if info.rank == 0:
+                    _rebuild_beside(cfg)
+                return 0
+            cfg = dataclasses.replace(cfg, skip_if_existing=False)  # finish it: the publish replaces the output
         return run(cfg, info, faults)
     except LeaseLostError as err:  # another attempt holds the partition now; it publishes, not us
         log.error("%s", err)
@@ -157,6 +159,18 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
                       "%s: %s", type(err).__name__, err)
             return EXIT_RETRY
         raise
+
+
+def _replacement_to_finish(cfg: RunConfig) -> bool:
+    """The output exists, but a replacement with these very settings stopped before writing it (its summary
+    is there, for other bytes): the output is not finished with these settings (``output_identity``)."""
+    from captioning_core import fingerprint, publish
+
+    if not publish.interrupted_replacement(cfg, fingerprint.compute(cfg)):
+        return False
+    log.warning("%s exists, but a replacement with these settings stopped before writing it (its summary "
+                "names them, for other bytes): finishing that replacement", cfg.output)
+    return True
 
 
 def _rebuild_beside(cfg: RunConfig) -> None:

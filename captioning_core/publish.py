@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import replace
 
-from captioning_core import gallery, journal, partition_table, stats, storage
+from captioning_core import gallery, journal, output_identity, partition_table, stats, storage
 from captioning_core.config import RunConfig
 from captioning_core.fingerprint import SUMMARY_KEY
 from captioning_core.lease_fence import LeaseFence
@@ -52,7 +52,7 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
         log.info("output already published by another rank or attempt: %s", cfg.output)
         return False
     with storage.retry_budget(fence.check() if fence is not None else None):
-        summary = write_beside(cfg, fp, results)
+        summary = write_beside(cfg, fp, results, body)
     if faults is not None:
         faults.before_output()
     # the output write may retry only while the lease the fence just saw still runs (lease_fence)
@@ -72,8 +72,9 @@ def publish(cfg: RunConfig, partition: Partition, fp: dict, overrides: dict[int,
     return published
 
 
-def write_beside(cfg: RunConfig, fp: dict, results: dict) -> dict:
-    """Summary JSON and gallery for ``results``; written before the output, or rebuilt after it."""
+def write_beside(cfg: RunConfig, fp: dict, results: dict, body: bytes) -> dict:
+    """Summary JSON and gallery for ``results`` and the output ``body`` made of them; written before the
+    output, or rebuilt after it. The summary records the output's digest (``output_identity``)."""
     ranks = _load_rank_stats(cfg)
     per_row = stats.partition_tokens_per_row([res.tokens for res in results.values() if res.status == STATUS_OK])
     latest = stats.merge(stats.newest_per_rank(ranks))
@@ -83,7 +84,7 @@ def write_beside(cfg: RunConfig, fp: dict, results: dict) -> dict:
                **journal.counts(results), **latest,
                "output_tokens_per_row": per_row,  # kept: the same figure as partition_output_tokens_per_row
                "partition_output_tokens_per_row": per_row,
-               SUMMARY_KEY: fp, "ranks": ranks}
+               SUMMARY_KEY: fp, output_identity.DIGEST_KEY: output_identity.digest(body), "ranks": ranks}
     storage.write_bytes(cfg.layout.summary, json.dumps(summary, indent=1).encode())
     rows = [gallery.GalleryRow(r, res.path, res.status, res.text, res.error, res.tokens, res.thumb)
             for r, res in sorted(results.items())]
@@ -95,7 +96,7 @@ def rebuild_beside(cfg: RunConfig, fp: dict) -> bool:
     """After a skip: if summary or gallery is missing beside an existing output, rebuild them from the
     journal, but only if the journal under this fingerprint reproduces the output byte for byte (otherwise
     it is not the journal that made it). Returns whether anything was written."""
-    if storage.exists(cfg.layout.summary) and storage.exists(cfg.layout.gallery_index):
+    if storage.exists(cfg.layout.gallery_index) and _summary_describes_output(cfg, fp):
         return False
     partition = partition_table.read_partition(cfg.meta_path)
     _, results, pending = final_results(cfg, partition, fp["id"])
@@ -108,9 +109,34 @@ def rebuild_beside(cfg: RunConfig, fp: dict) -> bool:
         log.warning("summary or gallery missing beside %s, but the output was not made from this journal under "
                     "fingerprint %s: not rebuilt", cfg.output, fp["id"])
         return False
-    write_beside(cfg, fp, results)
+    write_beside(cfg, fp, results, body)
     log.info("rebuilt summary and gallery beside %s from the journal", cfg.output)
     return True
+
+
+def _summary(cfg: RunConfig) -> dict | None:
+    try:
+        summary = json.loads(storage.read_bytes(cfg.layout.summary))
+    except Exception as err:
+        if storage.is_not_found(err) or isinstance(err, ValueError):
+            return None
+        raise
+    return summary if isinstance(summary, dict) else None
+
+
+def _summary_describes_output(cfg: RunConfig, fp: dict) -> bool:
+    """The summary beside the output exists, names ``fp`` and was written for the output's present bytes."""
+    summary = _summary(cfg)
+    return (summary is not None and (summary.get(SUMMARY_KEY) or {}).get("id") == fp["id"]
+            and output_identity.describes(summary, storage.read_bytes(cfg.output)))
+
+
+def interrupted_replacement(cfg: RunConfig, fp: dict) -> bool:
+    """A replacement of the output under ``fp`` stopped between its summary and its output: the summary names
+    ``fp`` but was written for other bytes than the output's. The output is then not made with ``fp``."""
+    summary = _summary(cfg)
+    return (summary is not None and (summary.get(SUMMARY_KEY) or {}).get("id") == fp["id"]
+            and not output_identity.describes(summary, storage.read_bytes(cfg.output)))
 
 
 def _load_rank_stats(cfg: RunConfig) -> list[dict]:
