@@ -12,11 +12,16 @@ import os
 import sys
 
 if __name__ == "__main__":
+    parent_at_start = os.getppid()  # before anything slow: msrun may die while we start
     # Run by path, Python puts this package's own folder first on sys.path; drop it so that module
     # names here (config, video, ...) can never shadow other top-level modules.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path.pop(0)
     try:
+        from captioning_core import signals
+
+        if signals.started_by_msrun():  # before the heavy imports and the first S3 call
+            signals.tie_to_parent(parent_at_start)
         from captioning_core.cli import main_any
 
         main_any()

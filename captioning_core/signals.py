@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
 
@@ -35,6 +36,22 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # pragma: no cover - non-glibc platforms
         log.warning("could not set PR_SET_PDEATHSIG; this rank may outlive msrun")
+
+
+def started_by_msrun() -> bool:
+    """msrun sets these for its workers (RANK_ID) and its scheduler process (MS_ROLE)."""
+    return "RANK_ID" in os.environ or "MS_ROLE" in os.environ
+
+
+def tie_to_parent(parent_at_start: int) -> None:
+    """First thing in an msrun-started process: die with msrun from now on, and exit at once if msrun is
+    already gone (it died while this interpreter started: we were reparented, and PDEATHSIG never fires)."""
+    die_with_parent()
+    parent = os.getppid()
+    if parent != parent_at_start or parent == 1:
+        sys.stderr.write(f"msrun (pid {parent_at_start}) is gone; this rank exits without doing anything\n")
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
 
 
 EXIT_STOPPED = 128 + signal.SIGTERM
