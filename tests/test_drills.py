@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -41,18 +42,40 @@ def _run_in_thread(cfg, faults):
     return thread, box
 
 
+class _RetryWatch(logging.Handler):
+    """Sets ``seen`` once captioning_core.storage logs a retry (an S3 call failed and will be tried again)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying in" in record.getMessage():
+            self.seen.set()
+
+
 def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
     s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
-    thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-    time.sleep(1.5)
-    s3_server.stop()
-    time.sleep(3)
-    s3_server.start()
-    thread.join(timeout=180)
+    retries = _RetryWatch()
+    logging.getLogger(storage.__name__).addHandler(retries)
+    try:
+        thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
+        deadline = time.monotonic() + 120
+        while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:  # mid-partition
+            assert thread.is_alive() and time.monotonic() < deadline, box
+            time.sleep(0.1)
+        s3_server.stop()
+        try:  # the outage lasts until an S3 call is seen failing and retrying (not a wall-clock guess)
+            assert retries.seen.wait(90), "no S3 call failed during the outage"
+        finally:
+            s3_server.start()
+        thread.join(timeout=180)
+    finally:
+        logging.getLogger(storage.__name__).removeHandler(retries)
     assert "error" not in box, box.get("error")
     out = _output(s3_server.client(), cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
