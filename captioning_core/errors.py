@@ -1,8 +1,9 @@
 """The one data-vs-environment policy: what an error means for a row, a rank and an attempt.
 
 **What `failed` means.** A row is `failed` for a *data* reason, and that is final: the file is empty,
-undecodable or has no video stream, it is not there ("video not found", local or S3), or its path is outside
-the allowed roots. Anything the *environment* caused (S3 errors after the client's retries, wrong credentials,
+undecodable or has no video stream, it is not there ("video not found": ENOENT or S3's 404 only), it is a
+directory, or its path is outside the allowed roots. A local file that exists but cannot be read (EACCES, ESTALE,
+EIO: a permission, a stale mount, a failing disk) is the environment's. Anything the *environment* caused (S3 errors after the client's retries, wrong credentials,
 network, an error raised by the model runtime, out-of-memory after the row-by-row retry) is *transient*: the
 row is journaled as such, the partition is **not** published, and the script exits 3 with a one-line account
 per rank (rows left, last error), so the next attempt (the Airflow retry) redoes exactly those rows. Only a
@@ -57,9 +58,11 @@ def classify(error: BaseException, stage: str) -> str:
         return TRANSIENT if _s3_environment(error) else FATAL
     if stage == "generate":  # the model runtime failed on this row alone: the environment's fault
         return TRANSIENT
+    if isinstance(error, IsADirectoryError | NotADirectoryError):  # the path names no file: the data's
+        return DATA
     environment = _s3_environment(error) or isinstance(error, PermissionError)
     if stage == "preflight":  # anything else (not there, a directory, ...) is left for the row's own stages
         return TRANSIENT if environment else DATA
-    if storage.is_not_found(error):
+    if storage.is_not_found(error):  # only ENOENT / S3 404 mean "not there"; EACCES, ESTALE, EIO do not
         return DATA
     return TRANSIENT if stage == "fetch" or environment or is_oom(error) else DATA

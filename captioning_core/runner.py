@@ -246,9 +246,7 @@ class RankRunner:
             stage = "path"
             uri = resolve_video(path, self.cfg)
             stage = "fetch"
-            local, owned = storage.fetch_to_local(uri, cache_dir)
-            if not owned and not os.path.isfile(local):
-                raise FileNotFoundError(local)
+            local, owned = storage.fetch_to_local(uri, cache_dir)  # a local file is opened and read here
             stage = "decode"
             prep.item = self.captioner.prepare(local)
             frames = self.captioner.thumbnail_frames(prep.item)
@@ -257,7 +255,8 @@ class RankRunner:
             prep.nbytes = nbytes(prep.item)
         except Exception as err:  # any per-row problem becomes that row's result, never the rank's
             prep.item = None
-            prep.error = f"video not found: {path}" if storage.is_not_found(err) else short_error(err)
+            prep.error = (f"video not found: {path}" if storage.is_not_found(err) else
+                          f"not a file: {path}" if isinstance(err, IsADirectoryError) else short_error(err))
             prep.transient = classify(err, stage) == TRANSIENT
         finally:
             if owned and local and os.path.exists(local):

@@ -340,12 +340,21 @@ def delete_prefix(prefix: str) -> None:
 
 
 @_retrying
+def check_local_file(path: str) -> None:
+    """Raise what reading the local file ``path`` raises: FileNotFoundError only when it is not there (ENOENT),
+    IsADirectoryError for a directory, and the real OSError (EACCES, ESTALE, EIO, ...) for trouble reading
+    it, which is the environment's, not the video's (``errors.classify``)."""
+    with open(path, "rb") as fh:
+        fh.read(1)
+
+
 def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
     """Return a local path for ``uri``: the path itself, or a fresh download into ``cache_dir``.
 
     The second value says whether the caller owns (and should delete) the returned file.
     """
     if not is_s3(uri):
+        check_local_file(uri)
         return uri, False
     loc = S3Location.parse(uri)
     suffix = posixpath.splitext(loc.key)[1][:16]

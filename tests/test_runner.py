@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -302,3 +303,21 @@ def test_s3_downloads_never_leave_the_local_cache(s3_server, s3_bucket, tmp_path
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p.parent == cache for p in created), created
     assert len(created) == len(stored)
+
+
+def test_a_local_file_that_cannot_be_read_is_transient_and_only_enoent_is_not_found(clips, tmp_path):
+    """Only a path that is not there (ENOENT) is "video not found" (final); a directory is "not a file" (final);
+    a file that exists but fails to read (here EIO: /proc/self/mem at offset 0, as a failing disk or a stale
+    mount would) is the environment's: transient, retried by the next attempt, and the output waits for it."""
+    rows = [Row(str(clips[0][0]), clips[0][1]), Row("/proc/self/mem", None), Row(str(tmp_path), None),
+            Row(str(tmp_path / "gone.mp4"), None)]
+    meta = tmp_path / "meta.csv"
+    meta.write_bytes(meta_csv(rows))
+    cfg = _cfg(str(meta))
+    stats = _run(cfg)[0]
+    assert (stats.captioned, stats.failed, stats.transient) == (1, 2, 1)
+    assert not os.path.exists(cfg.output)  # a transient row holds the publish
+    records = journal.load(cfg.layout.parts, [r.path for r in rows])
+    assert records[1].status == "transient" and "Input/output error" in records[1].error
+    assert records[2].status == "failed" and records[2].error == f"not a file: {tmp_path}"
+    assert records[3].status == "failed" and records[3].error == f"video not found: {tmp_path / 'gone.mp4'}"
