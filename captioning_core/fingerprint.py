@@ -73,9 +73,10 @@ def compute(cfg) -> dict:
     "sampling", "dtype"}``. ``id`` is a hash of everything else."""
     shared = {role: {o.name: getattr(cfg, o.name) for o in options.specs(RunConfig) if o.role == role}
               for role in (PROMPT, GENERATION, SAMPLING)}
-    own = _by_role(cfg.model, cfg.model_options)
+    specs = _model_specs(cfg.model)
+    own = _by_role(specs, cfg.model_options)
     checkpoint_opts = own[CHECKPOINT]
-    by_content = [n for n, spec in _model_specs(cfg.model).items() if spec.by_content and spec.role == CHECKPOINT]
+    by_content = [n for n, spec in specs.items() if spec.by_content and spec.role == CHECKPOINT]
     parts = {
         "model": cfg.model,
         "checkpoint": {**checkpoint_identity(cfg.pretrained_model_name_or_path), **(
@@ -99,14 +100,13 @@ def _model_specs(model: str) -> dict[str, options.Option]:
     return {o.name: o for o in options.specs(options_cls)} if options_cls else {}
 
 
-def _by_role(model: str, model_options: dict) -> dict[str, dict]:
+def _by_role(specs: dict[str, options.Option], model_options: dict) -> dict[str, dict]:
     """The model's options split by their declared role; a value without a spec counts as sampling."""
-    specs = _model_specs(model)
     parts: dict[str, dict] = {role: {} for role in options.ROLES}
     for name, value in model_options.items():
         role = specs[name].role if name in specs else SAMPLING
         if role == DTYPE:
-            raise TypeError(f"{model} option {name!r}: the dtype part is RunConfig.dtype's alone")
+            raise TypeError(f"model option {name!r}: the dtype part is RunConfig.dtype's alone")
         parts[role][name] = value
     return parts
 

@@ -5,7 +5,7 @@ An option used to be declared three times (the dataclass field, an ``add_argumen
 from the environment inside argparse. Now the field says it once, as transformers' ``HfArgumentParser`` reads
 help and choices from dataclass field metadata::
 
-    question: str = option("Describe the video in details", help="the caption prompt", role=PROMPT)
+    top_p: float = option(1.0, help="nucleus sampling mass", role=GENERATION)
 
 ``RunConfig`` (config.py) declares the options every caption script shares; each captioner's options dataclass
 (``Captioner.options_cls``) declares its own. Everything else is derived from those fields: the argparse
@@ -138,11 +138,6 @@ def _value_type(hint: Any) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint
-
-
-def defaults(cls: type) -> dict[str, Any]:
-    """Each option's declared default."""
-    return {o.name: o.default for o in specs(cls)}
 
 
 def owned(cls: type) -> frozenset[str]:
