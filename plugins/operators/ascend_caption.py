@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
+from captioning_core.arguments import owned_options
 from captioning_core.layout import PartitionLayout
 from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
@@ -34,9 +35,12 @@ CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py
 CAPTIONS_ALIAS = "caption-outputs"
 DEFAULT_ENV = {"HCCL_CONNECT_TIMEOUT": "7200"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
-#: caption script options the operator sets itself; caption_options may not override them
-OWNED_OPTIONS = frozenset({"meta_path", "output", "output_uri", "pretrained_model_name_or_path", "model_dir",
-                           "skip_if_existing", "allow_pickled_weights"})
+#: the operator's own arguments for what it owns, and its weights switch: refused in caption_options as well,
+#: so that a misplaced one fails instead of being ignored
+OPERATOR_ARGUMENTS = frozenset({"output_uri", "model_dir", "allow_pickled_weights"})
+#: caption script options the operator sets itself (declared ``owned`` in RunConfig's option specs) and its own
+#: arguments for them; caption_options may not set any of these
+OWNED_OPTIONS = owned_options() | OPERATOR_ARGUMENTS
 
 
 def caption_entry(model: str) -> tuple[str, list[str]]:
@@ -186,6 +190,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self._recaptioning = False  # the existing output was made with other settings and is being replaced
         self._hook: MsrunHook | None = None
         self._killed = None  # threading.Event, made in execute (operators are deep-copied before it)
+        self._parsed: tuple | None = None  # (inputs, caption argv, its parse): the argv is parsed once
+        self._config = None  # the RunConfig of that parse, made when the fingerprint needs it
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _s3_hook(self):
@@ -272,7 +278,16 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                          worker_num=int(self.worker_num), local_worker_num=int(self.local_worker_num),
                          master_port=int(port), **opts)
 
-    def _script_args(self) -> list[str]:
+    def _caption_args(self) -> tuple[list[str], Any]:
+        """The caption script's argv without the skip flag, and its parse by the ranks' own parser: made once
+        per set of inputs (``_check_caption_args``), then reused to launch and to fingerprint."""
+        inputs = (self.model, self.model_dir, self.output_uri, self.meta_path, repr(self.caption_options))
+        if self._parsed is None or self._parsed[0] != inputs:
+            self._parsed, self._config = (inputs, *self._check_caption_args()), None
+        return self._parsed[1], self._parsed[2]
+
+    def _check_caption_args(self) -> tuple[list[str], Any]:
+        """Options the operator owns are refused, and every value is parsed before anything is launched."""
         from airflow.sdk.exceptions import AirflowFailException
 
         owned = sorted(OWNED_OPTIONS.intersection(self.caption_options))
@@ -284,17 +299,29 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             options = caption_argv(self.caption_options)
         except ValueError as err:
             raise AirflowFailException(f"invalid caption options: {err}") from err
-        args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options]
-        if self.skip_if_existing and not self._recaptioning:
-            args.append("--skip_if_existing")
-        args += ["--", self.meta_path]  # positional after `--`: a meta path is never read as an option
-        from captioning_core.cli import build_parser  # argparse only: no model code is imported
+        args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options,
+                "--", self.meta_path]  # positional after `--`: a meta path is never read as an option
+        from captioning_core.arguments import build_parser  # argparse only: no model code is imported
 
         try:
-            build_parser(self.model).parse_args(args)
+            return args, build_parser(self.model).parse_args(args)
         except SystemExit as err:
             raise AirflowFailException(f"invalid caption options {self.caption_options}") from err
-        return args
+
+    def _script_args(self) -> list[str]:
+        """The caption script's argv: ``_caption_args`` with ``--skip_if_existing`` unless recaptioning."""
+        args, _ = self._caption_args()
+        skip = ["--skip_if_existing"] if self.skip_if_existing and not self._recaptioning else []
+        return args[:-2] + skip + args[-2:]
+
+    def _caption_config(self):
+        """The RunConfig the ranks will run with, from the one parse; a bad value raises ValueError."""
+        from captioning_core.arguments import config_from_args
+
+        _, parsed = self._caption_args()
+        if self._config is None:
+            self._config = config_from_args(self.model, parsed)
+        return self._config
 
     def _finished(self, hook) -> bool:
         """The output exists and its summary's fingerprint is this task's (nothing to do). An output made with
@@ -306,7 +333,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         if not self._exists(hook, self.output_uri):
             return False
         self._check_model_dir()  # the checkpoint's identity is part of the fingerprint
-        wanted = fingerprint.for_script_args(self.model, self._script_args())
+        wanted = fingerprint.compute(self._caption_config())
         found = self._summary(hook, f"{self.output_uri}.summary.json").get(fingerprint.SUMMARY_KEY)
         if found and found.get("id") == wanted["id"]:
             return True
