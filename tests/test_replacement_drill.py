@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from captioning_core import fingerprint
+from captioning_core import arguments
 from testkit.partition import upload_partition
 from tests.conftest import TINY_QWEN2VL
 from tests.test_caption_msrun import TINY_ARGS, read_csv_from_s3
@@ -43,7 +43,7 @@ def test_a_replacement_killed_between_summary_and_output_is_finished_by_the_next
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "replace", clips)
     output, summary_key = meta.replace("meta.csv", OUT), f"replace/{OUT}.summary.json"
-    new_fp = fingerprint.for_script_args("qwen2vl", [meta, "--pretrained_model_name_or_path", str(TINY_QWEN2VL),
+    new_fp = arguments.for_script_args("qwen2vl", [meta, "--pretrained_model_name_or_path", str(TINY_QWEN2VL),
                                                      *TINY_ARGS, *SHORT])["id"]
 
     first = run_msrun(meta, *TINY_ARGS, "--skip_if_existing", log_dir=tmp_path / "log1")
