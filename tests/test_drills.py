@@ -42,6 +42,14 @@ def _run_in_thread(cfg, faults):
     return thread, box
 
 
+def _wait_mid_partition(cfg, thread, box) -> None:
+    """Until the rank has journaled a part (past model load, mid-partition); fail if it ended first."""
+    deadline = time.monotonic() + 120
+    while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:
+        assert thread.is_alive() and time.monotonic() < deadline, box
+        time.sleep(0.1)
+
+
 class _RetryWatch(logging.Handler):
     """Sets ``seen`` once captioning_core.storage logs a retry (an S3 call failed and will be tried again)."""
 
@@ -64,10 +72,7 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     logging.getLogger(storage.__name__).addHandler(retries)
     try:
         thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-        deadline = time.monotonic() + 120
-        while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:  # mid-partition
-            assert thread.is_alive() and time.monotonic() < deadline, box
-            time.sleep(0.1)
+        _wait_mid_partition(cfg, thread, box)
         s3_server.stop()
         try:  # the outage lasts until an S3 call is seen failing and retrying (not a wall-clock guess)
             assert retries.seen.wait(90), "no S3 call failed during the outage"
@@ -89,10 +94,7 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-    deadline = time.monotonic() + 120
-    while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:  # mid-partition
-        assert thread.is_alive() and time.monotonic() < deadline, box
-        time.sleep(0.1)
+    _wait_mid_partition(cfg, thread, box)
     s3_server.stop()
     thread.join(timeout=180)
     s3_server.start()

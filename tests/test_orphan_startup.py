@@ -20,20 +20,17 @@ import pytest
 from operators.msrun_hook import MsrunHook, MsrunSpec
 from testkit.airflow_env import REPO, TINY_QWEN2VL
 from testkit.ports import free_port
-from testkit.process import alive, wait_for
+from testkit.process import alive, caption_processes, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 
 
 def _ranks(msrun_pid: int) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(msrun_pid).children(recursive=True)
-    except psutil.Error:
-        return []
+    """The caption ranks under msrun (not its scheduler process: msrun sets RANK_ID for workers only)."""
     out = []
-    for p in children:
+    for p in caption_processes(msrun_pid):
         try:
-            if p.environ().get("RANK_ID") is not None and "caption_qwen2vl.py" in " ".join(p.cmdline()):
+            if p.environ().get("RANK_ID") is not None and "msrun" not in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             continue
