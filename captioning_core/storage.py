@@ -360,5 +360,12 @@ def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
     suffix = posixpath.splitext(loc.key)[1][:16]
     # The local name is random: nothing in the key (``..``, slashes, unicode) can steer it.
     local = os.path.join(cache_dir, f"{uuid.uuid4().hex}{suffix}")
-    s3_client().download_file(loc.bucket, loc.key, local)
+    _download(loc, local)
     return local, True
+
+
+@_retrying
+def _download(loc: S3Location, local: str) -> None:
+    """One video into ``local``, retried like every other S3 call: a short outage must not turn a row
+    transient. (The transfer writes a temporary name and renames, so a failed try leaves nothing at ``local``.)"""
+    s3_client().download_file(loc.bucket, loc.key, local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -81,9 +82,39 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
         thread.join(timeout=180)
     finally:
         logging.getLogger(storage.__name__).removeHandler(retries)
-    assert "error" not in box, box.get("error")
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert box["stats"].transient == 0, box["stats"]
     out = _output(s3_server.client(), cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+
+
+def test_a_video_fetch_during_an_outage_waits_for_s3_to_return(s3_server, s3_bucket, s3_env, tmp_path):
+    """Video downloads retry like every other S3 call (within CAPTION_S3_RETRY_SECONDS): a fetch begun while
+    the server is down completes once it is back, instead of making its row transient."""
+    client = s3_server.client()
+    body = b"not a video, just bytes" * 1000
+    client.put_object(Bucket=s3_bucket, Key="outage/clip.mp4", Body=body)
+    s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
+    storage.s3_client.cache_clear()
+    retries = _RetryWatch()
+    logging.getLogger(storage.__name__).addHandler(retries)
+    s3_server.stop()
+    try:
+        box = {}
+        fetch = threading.Thread(target=lambda: box.update(
+            got=storage.fetch_to_local(f"s3://{s3_bucket}/outage/clip.mp4", str(tmp_path))))
+        fetch.start()
+        try:
+            assert retries.seen.wait(60), "the fetch did not retry"
+        finally:
+            s3_server.start()
+        fetch.join(timeout=120)
+    finally:
+        logging.getLogger(storage.__name__).removeHandler(retries)
+    assert not fetch.is_alive() and "got" in box, box
+    local, owned = box["got"]
+    assert owned and open(local, "rb").read() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(local)]  # no partial leftovers
 
 
 def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s3_bucket, clips, s3_env):
