@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from captioning_core import fingerprint, gallery, journal, partition_table, signals, storage
+from captioning_core.batching import BatchPlanner, padded_tokens
 from captioning_core.config import RunConfig
 from captioning_core.errors import TRANSIENT, classify, is_oom, short_error
 from captioning_core.faults import FaultPlan
@@ -30,7 +31,7 @@ from captioning_core.lease_fence import LeaseFence
 from captioning_core.models.base import Captioner
 from captioning_core.partition_table import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.paths import resolve_video
-from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes, take_batch
+from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes
 from captioning_core.progress import Progress
 from captioning_core.publish import publish
 from captioning_core.sharding import RankInfo, rows_for_rank
@@ -129,8 +130,7 @@ class RankRunner:
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         self._consecutive = 0
-        self._budget = cfg.batch_tokens  # lowered after an out-of-memory batch
-        self._cap = cfg.bs
+        self._planner = BatchPlanner(cfg.batch_tokens, cfg.bs)  # lowered after an out-of-memory batch
         ahead = cfg.prefetch_batches + 1
         pool: list[Prepared] = []
         exhausted = False
@@ -163,7 +163,7 @@ class RankRunner:
                     if exhausted or stats.stopped_early:
                         break
                     continue
-                picked = set(take_batch([p.tokens for p in pool], self._budget, self._cap))
+                picked = set(self._planner.pick([p.tokens for p in pool]))
                 batch = [p for i, p in enumerate(pool) if i in picked]
                 pool = [p for i, p in enumerate(pool) if i not in picked]
                 results = self._caption_batch(batch, previous, stats, gathered)
@@ -185,13 +185,7 @@ class RankRunner:
         return None if tokens is None else int(tokens)
 
     def _pool_full(self, pool: list[Prepared], batches: int) -> bool:
-        """The pool holds ``batches`` batches' worth of videos (by tokens, or by ``--bs``)."""
-        if not pool:
-            return False
-        if any(p.tokens is None for p in pool):
-            return len(pool) >= (self._cap or 1) * batches
-        return (sum(p.tokens for p in pool) >= self._budget * batches
-                or (self._cap is not None and len(pool) >= self._cap * batches))
+        return self._planner.pool_full([p.tokens for p in pool], batches)
 
     def _account(self, results: list[RowResult], stats: RankStats, progress: Progress, t0: float) -> None:
         stats.rows_processed += len(results)
@@ -291,16 +285,7 @@ class RankRunner:
         return results
 
     def _lower_budget(self, batch: list[Prepared]) -> None:
-        """An out-of-memory batch: later batches of this run get at most half its size (tokens, or videos
-        when token counts are unknown), so the rank does not pay a failed batch and a row-by-row retry again
-        and again."""
-        if all(p.tokens is not None for p in batch):
-            padded = len(batch) * max(p.tokens for p in batch)
-            self._budget = min(self._budget, max(1, padded // 2))
-            what = f"token budget {self._budget}"
-        else:
-            self._cap = max(1, min(self._cap or len(batch), len(batch) // 2))
-            what = f"at most {self._cap} videos per batch"
+        what = self._planner.after_oom([p.tokens for p in batch])
         log.warning("rank %d: out of memory on a batch of %d: %s for the rest of this run", self.info.rank,
                     len(batch), what)
 
@@ -313,7 +298,7 @@ class RankRunner:
             stats.busy_seconds += time.perf_counter() - started
             stats.generate_calls += 1
             if all(p.tokens is not None for p in batch):
-                padded = len(batch) * max(p.tokens for p in batch)
+                padded = padded_tokens([p.tokens for p in batch])
                 stats.prefill_tokens += padded
                 stats.padding_tokens += padded - sum(p.tokens for p in batch)
 

@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 
 from captioning_core import journal
+from captioning_core.batching import take_batch
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
-from captioning_core.prefetch import NOT_READY, BytePrefetcher, take_batch
+from captioning_core.prefetch import NOT_READY, BytePrefetcher
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from testkit.clips import ClipSpec, ensure_clip
