@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -63,25 +64,33 @@ class _RetryWatch(logging.Handler):
             self.seen.set()
 
 
+@contextlib.contextmanager
+def _outage_until_a_retry(s3_server, within: float, what: str):
+    """S3 is down from entry until, after the block, an S3 call is seen failing and retrying (the outage is
+    held until it hits a call, never a wall-clock guess); then the server is started again."""
+    retries = _RetryWatch()
+    logger = logging.getLogger(storage.__name__)
+    logger.addHandler(retries)
+    s3_server.stop()
+    try:
+        yield
+        assert retries.seen.wait(within), what
+    finally:
+        s3_server.start()
+        logger.removeHandler(retries)
+
+
 def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
     s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
-    retries = _RetryWatch()
-    logging.getLogger(storage.__name__).addHandler(retries)
-    try:
-        thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-        _wait_mid_partition(cfg, thread, box)
-        s3_server.stop()
-        try:  # the outage lasts until an S3 call is seen failing and retrying (not a wall-clock guess)
-            assert retries.seen.wait(90), "no S3 call failed during the outage"
-        finally:
-            s3_server.start()
-        thread.join(timeout=180)
-    finally:
-        logging.getLogger(storage.__name__).removeHandler(retries)
+    thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
+    _wait_mid_partition(cfg, thread, box)
+    with _outage_until_a_retry(s3_server, 90, "no S3 call failed during the outage"):
+        pass
+    thread.join(timeout=180)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert box["stats"].transient == 0, box["stats"]
     out = _output(s3_server.client(), cfg.output)
@@ -96,21 +105,12 @@ def test_a_video_fetch_during_an_outage_waits_for_s3_to_return(s3_server, s3_buc
     client.put_object(Bucket=s3_bucket, Key="outage/clip.mp4", Body=body)
     s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
     storage.s3_client.cache_clear()
-    retries = _RetryWatch()
-    logging.getLogger(storage.__name__).addHandler(retries)
-    s3_server.stop()
-    try:
-        box = {}
-        fetch = threading.Thread(target=lambda: box.update(
-            got=storage.fetch_to_local(f"s3://{s3_bucket}/outage/clip.mp4", str(tmp_path))))
+    box = {}
+    fetch = threading.Thread(target=lambda: box.update(
+        got=storage.fetch_to_local(f"s3://{s3_bucket}/outage/clip.mp4", str(tmp_path))))
+    with _outage_until_a_retry(s3_server, 60, "the fetch did not retry"):
         fetch.start()
-        try:
-            assert retries.seen.wait(60), "the fetch did not retry"
-        finally:
-            s3_server.start()
-        fetch.join(timeout=120)
-    finally:
-        logging.getLogger(storage.__name__).removeHandler(retries)
+    fetch.join(timeout=120)
     assert not fetch.is_alive() and "got" in box, box
     local, owned = box["got"]
     assert owned and open(local, "rb").read() == body
