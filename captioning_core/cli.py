@@ -40,9 +40,19 @@ EXIT_BAD_INPUT = 2
 EXIT_RETRY = 3
 
 
+#: libraries whose DEBUG records carry credentials (botocore logs each request's headers: the
+#: Authorization header names the access key id, X-Amz-Security-Token is the session token)
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
 def setup_logging(rank: int) -> None:
+    """Log to stdout at ``CAPTION_LOG_LEVEL`` (INFO by default); the credential-carrying libraries never below
+    INFO, whatever the level, so a DEBUG run logs no key id or token."""
     logging.basicConfig(level=os.environ.get("CAPTION_LOG_LEVEL", "INFO"), stream=sys.stdout, force=True,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    for name in CREDENTIAL_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.INFO))
 
 
 def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:

@@ -7,8 +7,10 @@ the same partition from running at once (operators.lease), and an attempt that l
 Trust boundaries: the operator owns the rank's argv (``caption_options`` may not override the meta path,
 output, model dir or skip flag, and every value is passed as ``--key=value``, so a leading dash is data),
 the ranks' environment (an allow-list, operators.msrun_hook.rank_environment: no ``AIRFLOW__*`` setting,
-Fernet key or database URI reaches a rank; fault injection only with ``allow_fault_injection=True``), and
-what weights may be loaded (safetensors unless ``allow_pickled_weights=True``).
+Fernet key or database URI reaches a rank; the DAG's ``env`` is limited to tuning variables by
+operators.rank_env, so it cannot open a gate below), fault injection (only with
+``allow_fault_injection=True``), and what weights may be loaded (safetensors unless
+``allow_pickled_weights=True``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
 from captioning_core.arguments import owned_options
 from captioning_core.layout import PartitionLayout
+from operators import rank_env
 from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
-from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
+from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port, port_for
 
 #: the seed-named entry scripts; every other registered captioner runs as ``caption.py MODEL ...``
 CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py"}
@@ -140,8 +143,10 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     :param log_dir: msrun ``--log_dir`` (templated; default under ``$CAPTION_MSRUN_LOG_ROOT`` per try)
     :param aws_conn_id: Airflow ``aws`` connection whose key, secret and ``endpoint_url`` the ranks get
         through their environment
-    :param env: extra environment for the ranks (templated); ``HCCL_CONNECT_TIMEOUT=7200`` by default. No
-        ``AIRFLOW*`` names; the rest of the ranks' environment is an allow-list of the worker's.
+    :param env: extra environment for the ranks (templated); ``HCCL_CONNECT_TIMEOUT=7200`` by default.
+        Tuning variables only (operators.rank_env: MindSpore/HCCL/Ascend/glog families, thread counts,
+        locale, ``CAPTION_*`` except the gated ones); ``AIRFLOW*``, ``AWS_*``, ``LD_PRELOAD``, ``PATH`` and
+        the like are refused. The rest of the ranks' environment is an allow-list of the worker's.
     :param lease_ttl: seconds a partition lease lives without renewal (renewed every quarter of it)
     :param lease_wait: seconds to wait for another attempt's lease before failing
     :param kill_grace: seconds the ranks get to stop after SIGTERM before SIGKILL. Keep it under 5 s: when
@@ -205,16 +210,11 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         env = {**DEFAULT_ENV, **{str(k): str(v) for k, v in self.env.items()}}
-        refused = sorted(k for k in env if k.upper().startswith("AIRFLOW"))
-        if FAULTS_ENV in env and not self.allow_fault_injection:
-            refused.append(FAULTS_ENV)
+        refused = rank_env.refusals(env, allow_fault_injection=self.allow_fault_injection)
         if refused:
-            raise AirflowFailException(f"env may not set {', '.join(refused)} (Airflow settings never reach the "
-                                       f"ranks; fault injection needs allow_fault_injection=True)")
+            raise AirflowFailException(f"env may not set {'; '.join(refused)}")
         if self.allow_pickled_weights:
-            from captioning_core.models.base import PICKLED_WEIGHTS_ENV
-
-            env[PICKLED_WEIGHTS_ENV] = "1"
+            env[rank_env.PICKLED_WEIGHTS_ENV] = "1"
         if self.aws_conn_id:
             creds = hook.get_credentials()
             env["AWS_ACCESS_KEY_ID"] = creds.access_key

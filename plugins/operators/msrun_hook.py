@@ -41,6 +41,8 @@ from pathlib import Path
 
 from airflow.sdk import BaseHook
 
+from operators.rank_env import FAULTS_ENV, GATED
+
 _PR_SET_PDEATHSIG = 1
 #: what msrun (mindspore.parallel.cluster) logs once every process is spawned, right before its join loop
 JOIN_STARTED = "Waiting all processes to exit"
@@ -118,15 +120,16 @@ RANK_ENV_NAMES = frozenset({
 #: context (AIRFLOW_CTX_*: dag/task/run ids and try number, no secret; the fault drills key on the try)
 RANK_ENV_PREFIXES = ("LC_", "MS_", "MINDSPORE_", "HCCL_", "ASCEND_", "ACL_", "CANN_", "GLOG_", "RANK_",
                      "DEVICE_", "CAPTION_", "AIRFLOW_CTX_")
-FAULTS_ENV = "CAPTION_FAULTS"
 
 
 def rank_environment(base: dict[str, str], extra: dict[str, str], *, allow_fault_injection: bool = False
                      ) -> dict[str, str]:
     """What the ranks may see: the allow-listed part of ``base`` (the worker's environment) plus ``extra``
-    (what the operator passes: S3 settings from its connection, the DAG's ``env``). ``CAPTION_FAULTS`` only
-    when fault injection is explicitly allowed (drills)."""
-    env = {k: v for k, v in base.items() if k in RANK_ENV_NAMES or k.startswith(RANK_ENV_PREFIXES)}
+    (what the operator passes: S3 settings from its connection, the DAG's ``env``). The worker's own copies
+    of the gated ``CAPTION_*`` names (rank_env.GATED) never pass: only the caller sets those; and
+    ``CAPTION_FAULTS``, from either, only when fault injection is explicitly allowed (drills)."""
+    env = {k: v for k, v in base.items()
+           if (k in RANK_ENV_NAMES or k.startswith(RANK_ENV_PREFIXES)) and (k == FAULTS_ENV or k not in GATED)}
     env.update(extra)
     if not allow_fault_injection:
         env.pop(FAULTS_ENV, None)
