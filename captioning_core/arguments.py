@@ -34,7 +34,8 @@ def build_parser(model: str, environ: Mapping[str, str] | None = None) -> argpar
     parser = argparse.ArgumentParser(
         prog=f"caption_{model}",
         description=f"Caption every video of a meta partition with {model} (one process per msrun rank).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False)  # a prefix must not reach an option by another name (``--out`` for ``--output``)
     for opt, default in command_line(model, environ):
         options.add_argument(parser, opt, default)
     return parser

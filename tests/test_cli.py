@@ -97,3 +97,12 @@ def test_caption_py_runs_any_registered_model_and_refuses_others():
     bad = subprocess.run([sys.executable, "-m", "captioning_core.caption", "qwen9", "m.csv"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "qwen2_5vl" in bad.stderr
+
+
+def test_an_option_prefix_is_refused_not_expanded():
+    """``--out`` must not reach ``--output`` (nor ``--pretrained`` the model dir): owned-option checks go by
+    full names, so an abbreviation would slip past them."""
+    parser = build_parser("qwen2vl")
+    for argv in (["m.csv", "--out=s3://elsewhere/x.csv"], ["m.csv", "--pretrained", "/elsewhere"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

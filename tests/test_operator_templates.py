@@ -178,3 +178,11 @@ def test_extra_links_point_at_the_gallery_view_of_the_task_instance():
     assert CaptionGalleryLink().get_link(op, ti_key=ti).endswith(
         prefix + "p/meta_caption_qwen2vl.csv.gallery/index.html")
     assert CaptionOutputLink().get_link(op, ti_key=ti).endswith(prefix + "p/meta_caption_qwen2vl.csv")
+
+
+def test_an_abbreviated_owned_option_fails_the_task():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    # `--out=` came after the operator's own `--output=` and argparse expanded it: the rank wrote elsewhere
+    with pytest.raises(AirflowFailException, match="invalid caption options .*'out'"):
+        _rendered(out="s3://elsewhere/x.csv")._script_args()
