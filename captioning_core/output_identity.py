@@ -12,6 +12,7 @@ Standard library only: the operator imports it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 DIGEST_KEY = "output_sha256"
 
@@ -20,7 +21,20 @@ def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def digest_of_chunks(chunks: Iterable[bytes]) -> str:
+    """``digest`` of the concatenated ``chunks`` (an object streamed, never held whole)."""
+    sha = hashlib.sha256()
+    for chunk in chunks:
+        sha.update(chunk)
+    return sha.hexdigest()
+
+
 def describes(summary: dict, body: bytes) -> bool:
     """``summary`` was written for the output whose bytes are ``body`` (or predates the digest)."""
+    return describes_digest(summary, digest(body))
+
+
+def describes_digest(summary: dict, sha256: str) -> bool:
+    """``summary`` was written for an output whose digest is ``sha256`` (or predates the digest)."""
     recorded = summary.get(DIGEST_KEY)
-    return recorded is None or recorded == digest(body)
+    return recorded is None or recorded == sha256

@@ -328,15 +328,22 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         other settings fails the task, unless ``recaption`` asks to replace it (then False)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from captioning_core import fingerprint
+        from captioning_core import fingerprint, output_identity
 
         if not self._exists(hook, self.output_uri):
             return False
         self._check_model_dir()  # the checkpoint's identity is part of the fingerprint
         wanted = fingerprint.compute(self._caption_config())
-        found = self._summary(hook, f"{self.output_uri}.summary.json").get(fingerprint.SUMMARY_KEY)
+        summary = self._summary(hook, PartitionLayout(self.output_uri).summary)
+        found = summary.get(fingerprint.SUMMARY_KEY)
         if found and found.get("id") == wanted["id"]:
-            return True
+            if output_identity.describes_digest(summary, self._output_digest(hook)):
+                return True
+            # a replacement with these settings stopped between its summary and its output: the output is
+            # still the old one. Not finished; the ranks (--skip_if_existing) finish it from their journal.
+            self.log.warning("%s is not the output its summary describes (a replacement with these settings "
+                             "stopped before writing it): finishing the replacement", self.output_uri)
+            return False
         made_with = fingerprint.describe(found) if found else "settings it did not record (no fingerprint)"
         if str(self.recaption).strip().lower() not in ("true", "1", "yes"):  # a bool, or a rendered template
             raise AirflowFailException(
@@ -433,6 +440,13 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             self._hook.kill(reason=why)
         elif self._killed is not None:
             self._killed.set()
+
+    def _output_digest(self, hook) -> str:
+        """SHA-256 of the output object, streamed."""
+        from captioning_core.output_identity import digest_of_chunks
+
+        bucket, key = split_s3(self.output_uri)
+        return digest_of_chunks(hook.get_key(key, bucket_name=bucket).get()["Body"].iter_chunks(1 << 20))
 
     def _summary(self, hook, summary_uri: str) -> dict:
         """The summary the ranks wrote; for an output made elsewhere (no summary), counts from the CSV."""
