@@ -244,7 +244,9 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         import csv
         import io
 
-        header = next(csv.reader(io.StringIO(head.decode("utf-8", errors="replace"))), [])
+        # utf-8-sig: a byte-order mark before `path` (spreadsheet exports write one) is no part of the name,
+        # as for the ranks' reader
+        header = next(csv.reader(io.StringIO(head.decode("utf-8-sig", errors="replace"))), [])
         if "path" not in header:
             raise AirflowFailException(f"{self.meta_path}: no 'path' column (header: {header})")
 
