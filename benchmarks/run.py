@@ -434,10 +434,11 @@ def _journal_like_the_runner(prefix: str, rows: list, ranks: int, flush_rows: in
     from captioning_core import journal
     from captioning_core.faults import FaultPlan
     from captioning_core.journal import JournalWriter
+    from captioning_core.layout import PartitionLayout
 
     t = time.perf_counter()
     for rank in range(ranks):
-        writer = JournalWriter(journal.PartWriter(prefix, rank), FaultPlan(), prefix + "gallery/",
+        writer = JournalWriter(journal.PartWriter(prefix, rank), FaultPlan(), PartitionLayout(prefix + "out"), "fp",
                                flush_rows=flush_rows, flush_seconds=30.0)
         for row in rows[rank::ranks]:
             writer.put([row])

@@ -86,8 +86,9 @@ def _nav(page: int, pages: int) -> str:
     return f"<nav>pages: {' '.join(links)}</nav>" if pages > 1 else ""
 
 
-def _row_html(r: GalleryRow, max_new_tokens: int) -> str:
-    thumb = f'<img loading="lazy" src="{thumb_name(r.row)}" alt="frames of row {r.row}">' if r.has_thumb else ""
+def _row_html(r: GalleryRow, max_new_tokens: int, fingerprint: str) -> str:
+    src = html.escape(thumb_name(r.row, fingerprint))
+    thumb = f'<img loading="lazy" src="{src}" alt="frames of row {r.row}">' if r.has_thumb else ""
     flags = "".join(f'<span class="flag">{html.escape(f)}</span>'
                     for f in caption_flags(r.text, r.status, r.tokens, max_new_tokens))
     err = f'<div class="err">{html.escape(r.error)}</div>' if r.error else ""
@@ -114,7 +115,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
     out = {}
     for page in range(pages):
         chunk = rows[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        body = "".join(_row_html(r, max_new_tokens) for r in chunk)
+        body = "".join(_row_html(r, max_new_tokens, str((fp or {}).get("id", ""))) for r in chunk)
         out[page_name(page)] = (
             f"<!doctype html><html><head><meta charset=utf-8><title>Captions: "
             f"{html.escape(summary.get('output', ''))}</title><style>{_STYLE}</style></head><body>"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from captioning_core import storage
 from captioning_core.errors import short_error
 from captioning_core.faults import FaultPlan
-from captioning_core.layout import thumb_name
+from captioning_core.layout import PartitionLayout
 from captioning_core.partition_table import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,11 @@ class JournalWriter:
     row that points at them is flushed).
     """
 
-    def __init__(self, writer: PartWriter, faults: FaultPlan, thumbs_prefix: str,
+    def __init__(self, writer: PartWriter, faults: FaultPlan, layout: PartitionLayout, fingerprint: str,
                  flush_rows: int = 1, flush_seconds: float = 0.0) -> None:
         self._writer = writer
-        self._thumbs_prefix = thumbs_prefix
+        self._layout = layout
+        self._fingerprint = fingerprint  # thumbnails go under the settings they were made with
         self._faults = faults
         self._flush_rows = flush_rows
         self._flush_seconds = flush_seconds
@@ -248,7 +249,7 @@ class JournalWriter:
                     if item:
                         batch, thumbs = item
                         for row, data in thumbs.items():  # before the rows that point at them
-                            storage.write_bytes(storage.join(self._thumbs_prefix, thumb_name(row)), data)
+                            storage.write_bytes(self._layout.thumb(row, self._fingerprint), data)
                         if not self._buffer:
                             self._oldest = time.monotonic()
                         self._buffer.extend(batch)

@@ -25,9 +25,11 @@ def page_name(page: int) -> str:
     return "index.html" if page == 0 else f"page-{page + 1:04d}.html"
 
 
-def thumb_name(row: int) -> str:
-    """A row's thumbnail strip, relative to the gallery folder (the pages link it so)."""
-    return f"thumbs/{row:08d}.jpg"
+def thumb_name(row: int, fingerprint: str) -> str:
+    """A row's thumbnail strip made under the settings ``fingerprint`` (its id), relative to the gallery folder
+    (the pages link it so). Per fingerprint, so a recaption running with new settings never overwrites what
+    the published gallery shows."""
+    return f"thumbs/{fingerprint}/{row:08d}.jpg"
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class PartitionLayout:
     def gallery_page(self, page: int) -> str:
         return self.gallery + page_name(page)
 
-    def thumb(self, row: int) -> str:
-        return self.gallery + thumb_name(row)
+    def thumb(self, row: int, fingerprint: str) -> str:
+        return self.gallery + thumb_name(row, fingerprint)
 
     @property
     def parts(self) -> str:

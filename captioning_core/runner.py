@@ -126,7 +126,7 @@ class RankRunner:
         cfg = self.cfg
         flush_rows = 1 if self.faults.flushes_every_batch else cfg.journal_flush_rows
         writer = JournalWriter(journal.PartWriter(cfg.layout.parts, self.info.rank), self.faults,
-                               cfg.layout.gallery, flush_rows, cfg.journal_flush_seconds)
+                               cfg.layout, self.fingerprint["id"], flush_rows, cfg.journal_flush_seconds)
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         self._consecutive = 0

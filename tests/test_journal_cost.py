@@ -13,6 +13,7 @@ import pytest
 from captioning_core import journal, storage
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import JournalWriter, RowResult
+from captioning_core.layout import PartitionLayout
 from captioning_core.prefetch import BytePrefetcher, nbytes
 
 
@@ -38,7 +39,7 @@ def test_part_writer_merges_its_parts_into_chunks_as_it_goes(tmp_path):
 
 def test_journal_writer_flushes_by_rows_and_on_close(tmp_path):
     prefix = tmp_path / "p"
-    writer = JournalWriter(journal.PartWriter(str(prefix), 0, compact_every=100), FaultPlan(), str(tmp_path / "g"),
+    writer = JournalWriter(journal.PartWriter(str(prefix), 0, compact_every=100), FaultPlan(), PartitionLayout(str(tmp_path / "o")), "fp",
                            flush_rows=5, flush_seconds=0)
     for row in _rows(12):
         writer.put([row])
@@ -48,7 +49,7 @@ def test_journal_writer_flushes_by_rows_and_on_close(tmp_path):
 
 def test_journal_writer_flushes_a_partial_buffer_after_flush_seconds(tmp_path):
     prefix = tmp_path / "p"
-    writer = JournalWriter(journal.PartWriter(str(prefix), 0), FaultPlan(), str(tmp_path / "g"),
+    writer = JournalWriter(journal.PartWriter(str(prefix), 0), FaultPlan(), PartitionLayout(str(tmp_path / "o")), "fp",
                            flush_rows=1000, flush_seconds=0.2)
     writer.put(_rows(1))
     deadline = time.monotonic() + 30
