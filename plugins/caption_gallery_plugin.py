@@ -35,7 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from captioning_core.layout import PartitionLayout, looks_like_gallery_object
 
@@ -48,6 +49,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "private, no-store",
 }
+
+STREAM_CHUNK = 1 << 16  # bytes per chunk the view relays from S3
 
 app = FastAPI(title="Caption gallery", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -163,7 +166,10 @@ def serve(dag_id: str, run_id: str, task_id: str, map_index: int, conn_id: str, 
         media = "text/csv; charset=utf-8"
     elif key.endswith(".html"):
         media = "text/html; charset=utf-8"
-    return Response(content=obj["Body"].read(), media_type=media)
+    # streamed in chunks: a large output or page never sits whole in the API server's memory
+    body = obj["Body"]
+    return StreamingResponse(body.iter_chunks(STREAM_CHUNK), media_type=media,
+                             headers={"Content-Length": str(obj["ContentLength"])}, background=BackgroundTask(body.close))
 
 
 class CaptionGalleryPlugin(AirflowPlugin):

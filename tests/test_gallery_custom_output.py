@@ -70,3 +70,30 @@ def test_a_custom_named_output_gets_its_gallery_and_output_but_not_its_journal_o
         for key in (parts[0]["Key"], layout.lease):  # they exist, and are still refused
             status, body = get(key)
             assert status == 404 and body["detail"] == REFUSED, (key, body)
+
+        # a big object is streamed: the API server's peak memory does not grow by its size (issue 25 #15;
+        # the view used to read the whole object, then send it)
+        big = layout.gallery_page(9998)
+        size = 192 << 20
+        client.put_object(Bucket=s3_bucket, Key=big, Body=b"<p>" + b"x" * (size - 3))
+        peak = _peak_rss(af)
+        status, body = get(big)
+        assert status == 200 and len(body) == size
+        grown = _peak_rss(af) - peak
+        assert grown < size // 3, f"the API server's peak RSS grew by {grown >> 20} MiB serving {size >> 20} MiB"
+
+
+def _peak_rss(af: AirflowServices) -> int:
+    """Sum of VmHWM (peak resident bytes) over the services' process trees."""
+    import psutil
+
+    total = 0
+    for proc in af.procs.values():
+        root = psutil.Process(proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except OSError:
+                continue
+            total += next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith("VmHWM"))
+    return total
