@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.children import run_child, run_child_watched
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "plugins"))
@@ -68,56 +70,13 @@ def _clips(directory: Path, n: int, seconds: float = 2.0) -> list[Path]:
     return [ensure_clip(s, directory) for s in specs]
 
 
-def _python(code: str, env: dict | None = None, timeout: float = 1800) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-THROUGHPUT = """
-import json, sys, time
-sys.path.insert(0, {repo!r})
-from captioning_core import runtime
-runtime.setup_device("CPU")
-from captioning_core.cli import build_parser, config_from_args
-from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
-from captioning_core.runner import RankRunner
-from captioning_core.sharding import RankInfo
-args = build_parser("qwen2vl").parse_args([{meta!r}, "--pretrained_model_name_or_path", {model!r}, "--output", {out!r},
-                                           "--bs", {bs!r}, *{extra!r}])
-cfg = config_from_args("qwen2vl", args)
-cap = Qwen2VLCaptioner(cfg)
-if {mode!r} == "runner":
-    stats = RankRunner(cfg, RankInfo(0, 1), cap).run()
-    print(json.dumps({{"rows": stats.rows_processed, "wall": stats.wall_seconds, "busy": stats.busy_fraction,
-                      "decode": stats.decode_seconds, "calls": stats.generate_calls,
-                      "generate": stats.busy_seconds, "wait": stats.input_wait_seconds,
-                      "load": stats.load_seconds}}))
-else:  # the seed's loop: one video at a time, decode then generate, nothing overlapped
-    import pandas as pd
-    cap.setup()
-    paths = pd.read_csv({meta!r})["path"].tolist()
-    t0 = time.perf_counter(); busy = 0.0
-    texts = []
-    for p in paths:
-        item = cap.prepare(p)
-        t = time.perf_counter(); texts.append(cap.decode(cap.generate([item])[0])); busy += time.perf_counter() - t
-    wall = time.perf_counter() - t0
-    print(json.dumps({{"rows": len(paths), "wall": wall, "busy": busy / wall, "decode": wall - busy,
-                      "calls": len(paths), "texts": texts}}))
-"""
-
-
 def bench_throughput(work: Path) -> None:
     clips = _clips(work / "clips", 16)
     meta = work / "meta.csv"
     meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
-    common = dict(repo=str(REPO), meta=str(meta), model=str(TINY), extra=TINY_ARGS)
-    seed = _python(THROUGHPUT.format(mode="seed", bs="1", out=str(work / "seed.csv"), **common))
-    ours = _python(THROUGHPUT.format(mode="runner", bs="4", out=str(work / "ours.csv"), **common))
+    common = dict(meta=str(meta), model=str(TINY), extra=TINY_ARGS)
+    seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "seed.csv"), **common))
+    ours = run_child("child_throughput", dict(mode="runner", bs="4", out=str(work / "ours.csv"), **common))
     ratio = (ours["rows"] / ours["wall"]) / (seed["rows"] / seed["wall"])
     report("1 throughput vs seed loop", f"{ratio:.2f}x ({ours['rows'] / ours['wall']:.2f} vs "
            f"{seed['rows'] / seed['wall']:.2f} rows/s)", ">= 1.5x", ratio >= 1.5)
@@ -133,9 +92,9 @@ def bench_decode_heavy(work: Path, rows: int = 24) -> None:
     meta = work / "heavy.csv"
     meta.write_text("path\n" + "\n".join([str(clip)] * rows) + "\n")
     extra = [*TINY_ARGS[:TINY_ARGS.index("--fps")], "--fps", "0.1", *TINY_ARGS[TINY_ARGS.index("--fps") + 2:]]
-    common = dict(repo=str(REPO), meta=str(meta), model=str(TINY), extra=extra)
-    seed = _python(THROUGHPUT.format(mode="seed", bs="1", out=str(work / "heavy_seed.csv"), **common))
-    ours = _python(THROUGHPUT.format(mode="runner", bs="4", out=str(work / "heavy_ours.csv"), **common))
+    common = dict(meta=str(meta), model=str(TINY), extra=extra)
+    seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "heavy_seed.csv"), **common))
+    ours = run_child("child_throughput", dict(mode="runner", bs="4", out=str(work / "heavy_ours.csv"), **common))
     ratio = (ours["rows"] / ours["wall"]) / (seed["rows"] / seed["wall"])
     seed_decode, seed_gen = seed["decode"] / seed["rows"], seed["busy"] * seed["wall"] / seed["calls"]
     report("2 model-busy fraction, decode-heavy (60 s textured GOP-250 clips, 6 frames each)",
@@ -505,47 +464,21 @@ def bench_resume(work: Path) -> None:
         server.close()
 
 
-MILLION = """
-import json, resource, sys, time
-sys.path.insert(0, {repo!r})
-t0 = time.perf_counter()
-from captioning_core import partition_table, sharding
-from captioning_core.journal import RowResult
-part = partition_table.read_partition({meta!r})
-shards = [sharding.rows_for_rank(len(part), sharding.RankInfo(r, 8)) for r in range(8)]
-paths = part.paths
-results = {{i: RowResult(i, paths[i], "ok", "a red square moves left") for s in shards for i in s}}
-body = partition_table.serialise(partition_table.merge_results(part, results), {out!r})
-open({out!r}, "wb").write(body)
-print(json.dumps({{"seconds": time.perf_counter() - t0,
-                  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the driver's peak
-                  "rss_mib": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024}}))
-"""
-
-
 def bench_million(work: Path) -> None:
     meta = work / "million.csv"
     with open(meta, "w") as fh:
         fh.write("path,num_frames,fps,height,width,aes\n")
         for i in range(1_000_000):
             fh.write(f"s3://bucket/videos/{i:07d}.mp4,120,30,720,1280,{i % 997 / 100:.2f}\n")
-    got = _python(MILLION.format(repo=str(REPO), meta=str(meta), out=str(work / "million_out.csv")))
+    got = run_child("child_million", dict(meta=str(meta), out=str(work / "million_out.csv")))
     report("5 1M rows: shard+merge+write time", f"{got['seconds']:.1f}s", "<= 30 s", got["seconds"] <= 30)
     report("5 1M rows: peak RSS", f"{got['rss_mib']:.0f} MiB", "<= 1024 MiB", got["rss_mib"] <= 1024)
 
 
 def bench_parse(work: Path) -> None:
-    code = f"""
-import json, time
-from airflow.dag_processing.dagbag import DagBag
-t = time.perf_counter(); bag = DagBag(dag_folder={str(REPO / 'dags')!r})
-first = time.perf_counter() - t
-files = sum(s.duration.total_seconds() for s in bag.dagbag_stats)
-print(json.dumps({{"first_fill": first, "files": files, "errors": len(bag.import_errors)}}))
-"""
     env = {"AIRFLOW_HOME": str(work / "af"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
-    runs = [_python(code, env) for _ in range(3)]
+    runs = [run_child("child_parse", {"dag_folder": str(REPO / "dags")}, env) for _ in range(3)]
     files = min(r["files"] for r in runs)
     first = min(r["first_fill"] for r in runs)
     report("6 DAG folder parse (all DAG files, fresh interpreter)", f"{files:.3f}s; first DagBag fill incl. "
@@ -572,44 +505,12 @@ def bench_workers(work: Path) -> None:
            "report", None)
 
 
-def _python_watched(code: str, cap_gib: float, floor_gib: float = 3.0, poll: float = 2.0) -> dict:
-    """``_python`` for a child that may outgrow a shared machine: it is stopped (SIGKILL, this child only) when
-    its RSS passes ``cap_gib`` or the machine's available memory falls below ``floor_gib``. Returns the child's
-    last JSON line, plus ``stopped_at_gib`` (its RSS then) if it was stopped."""
-    from benchmarks.realsize import mem_available_gib
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True, cwd=REPO)
-        stopped, rss = None, 0.0
-        while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as fh:
-                    rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 2**20
-            except (OSError, StopIteration):
-                pass
-            if rss > cap_gib or mem_available_gib() < floor_gib:
-                stopped = rss
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(poll)
-        out.seek(0)
-        err.seek(0)
-        lines = [line for line in out.read().splitlines() if line.startswith("{")]
-        if stopped is None and proc.returncode != 0:
-            raise RuntimeError(err.read()[-3000:])
-    got = json.loads(lines[-1]) if lines else {"phase": "starting"}
-    if stopped is not None:
-        got["stopped_at_gib"] = stopped
-    return got
-
-
 def bench_realsize(work: Path, *, realsize: str = "qwen2vl-2b", dtypes: str = "bfloat16,float16,float32") -> None:
     """Item 11: released layouts at real size (see benchmarks/realsize.py). Each model's checkpoint is built by
     real PyTorch, then loaded once per dtype in a fresh mindnlp process, which is stopped once its RSS passes 3x
     the checkpoint's bytes (the 1.5x target is missed by then) or the machine has under 3 GiB left (it is
     shared); a load that could not fit from the start is not tried."""
-    from benchmarks.realsize import BUILD, LOAD, MODELS, mem_available_gib
+    from benchmarks.realsize import MODELS, mem_available_gib
     from testkit.clips import ClipSpec, ensure_clip
 
     clip = ensure_clip(ClipSpec(), work / "clips")  # 2 s 320x240: 4 frames at --fps 2 in a 112x112 budget
@@ -620,7 +521,7 @@ def bench_realsize(work: Path, *, realsize: str = "qwen2vl-2b", dtypes: str = "b
             report(f"11 {layout.repo_id}: build", f"not run: ~{need:.0f} GiB needed, "
                    f"{mem_available_gib():.1f} GiB available now (machine shared)", "report", None)
             continue
-        ck = _python(BUILD.format(repo=str(REPO), key=key, out=str(out)))
+        ck = run_child("child_realsize_build", dict(key=key, out=str(out)))
         gib = ck["weights_bytes"] / 2**30
         report(f"11 {layout.repo_id}: random-weight checkpoint", f"{ck['params'] / 1e9:.2f} B params, "
                f"{len(ck['shard_bytes'])} bf16 shards {' + '.join(f'{b / 1e9:.2f}' for b in ck['shard_bytes'])} GB "
@@ -634,9 +535,9 @@ def bench_realsize(work: Path, *, realsize: str = "qwen2vl-2b", dtypes: str = "b
                        f" GiB free, {mem_available_gib():.1f} GiB available now (machine shared)", target, None)
                 continue
             # stopped past 3x the checkpoint's bytes: the 1.5x target is missed by then at any dtype
-            got = _python_watched(LOAD.format(repo=str(REPO), name=layout.captioner, dtype=dtype,
-                                              model_dir=str(out), meta=str(work / "unused.csv"), clip=str(clip)),
-                                  cap_gib=3 * gib)
+            got = run_child_watched("child_realsize_load",
+                                    dict(name=layout.captioner, dtype=dtype, model_dir=str(out),
+                                         meta=str(work / "unused.csv"), clip=str(clip)), cap_gib=3 * gib)
             if "stopped_at_gib" in got:
                 phase = got["phase"]
                 done = f"load (setup) {got['load_s']:.1f}s, peak after load {got['after_load']['VmHWM']:.2f} GiB; " \
@@ -663,42 +564,6 @@ def bench_realsize(work: Path, *, realsize: str = "qwen2vl-2b", dtypes: str = "b
         shutil.rmtree(out, ignore_errors=True)
 
 
-TOKEN_BUDGET = """
-import json, sys, time
-sys.path.insert(0, {repo!r})
-from captioning_core import runtime
-runtime.setup_device("CPU")
-import pandas as pd
-from captioning_core.cli import build_parser, config_from_args
-from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
-from captioning_core.runner import RankRunner
-from captioning_core.sharding import RankInfo
-
-class Recording(Qwen2VLCaptioner):
-    batches = []
-    def generate(self, batch):
-        Recording.batches.append(list(batch))
-        return super().generate(batch)
-
-args = build_parser("qwen2vl").parse_args([{meta!r}, "--pretrained_model_name_or_path", {model!r}, "--output", {out!r},
-                                           *{extra!r}])
-cfg = config_from_args("qwen2vl", args)
-cap = Recording(cfg)
-stats = RankRunner(cfg, RankInfo(0, 1), cap).run()
-texts = pd.read_csv({out!r}, dtype=str, keep_default_na=False)["text"].tolist()
-# the model alone: the same prepared batches, back to back, nothing else running in this process
-t = time.perf_counter(); alone_tokens = 0
-for batch in list(Recording.batches):
-    alone_tokens += sum(len(ids) for ids in Qwen2VLCaptioner.generate(cap, batch))
-alone = time.perf_counter() - t
-print(json.dumps({{"rows": stats.rows_processed, "wall": stats.wall_seconds, "calls": stats.generate_calls,
-                  "sizes": [len(b) for b in Recording.batches], "tokens": stats.output_tokens,
-                  "prefill": stats.prefill_tokens, "padding": stats.padding_tokens, "busy": stats.busy_seconds,
-                  "wait": stats.input_wait_seconds, "load": stats.load_seconds, "alone_wall": alone,
-                  "alone_tokens": alone_tokens, "texts": texts}}))
-"""
-
-
 def bench_token_budget(work: Path) -> None:
     """Issue 14: the default (batches by token budget) on a partition of 2-20 s clips vs the seed-style loop
     at bs 1; padding share; and the runner's output tokens/s vs the model alone on the same batches."""
@@ -708,9 +573,9 @@ def bench_token_budget(work: Path) -> None:
     clips = [ensure_clip(spec, work / "clips") for spec in MIXED_DURATION_SPECS]
     meta = work / "meta.csv"
     meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
-    common = dict(repo=str(REPO), meta=str(meta), model=str(TINY))
-    seed = _python(THROUGHPUT.format(mode="seed", bs="1", out=str(work / "seed.csv"), extra=TINY_ARGS, **common))
-    ours = _python(TOKEN_BUDGET.format(out=str(work / "ours.csv"), extra=TINY_ARGS, **common))
+    common = dict(meta=str(meta), model=str(TINY), extra=TINY_ARGS)
+    seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "seed.csv"), **common))
+    ours = run_child("child_token_budget", dict(out=str(work / "ours.csv"), **common))
     seed_rate, our_rate = seed["rows"] / seed["wall"], ours["rows"] / ours["wall"]
     same = sum(a == b for a, b in zip(ours["texts"], seed["texts"], strict=True))
     report("9 token-budget default vs seed loop at bs 1, 64 clips of 2-20 s (tiny profile)",
@@ -772,22 +637,10 @@ def bench_join_loop(work: Path, rounds: int = 2) -> None:
 def bench_rank_import(work: Path, rounds: int = 3) -> None:
     """What each rank pays before its first line of work: ``runtime.import_mindnlp()`` (which leaves out
     mindnlp's diffusers port) vs a plain ``import mindnlp``, in fresh interpreters, the two alternated."""
-    code = """
-import json, sys, time
-t = time.perf_counter()
-from captioning_core import runtime
-runtime.setup_device("CPU")
-if {skip}:
-    runtime.import_mindnlp()
-else:
-    import mindnlp
-from mindnlp import transformers
-print(json.dumps({{"seconds": time.perf_counter() - t, "diffusers": "diffusers" in sys.modules}}))
-"""
     runs: dict[bool, list[dict]] = {True: [], False: []}
     for _ in range(rounds):
         for skip in (False, True):
-            runs[skip].append(_python(code.format(skip=skip)))
+            runs[skip].append(run_child("child_rank_import", {"skip": skip}))
     med = {skip: sorted(r["seconds"] for r in rs)[len(rs) // 2] for skip, rs in runs.items()}
     assert not any(r["diffusers"] for r in runs[True]) and all(r["diffusers"] for r in runs[False])
     report("12 a rank's mindnlp import: `runtime.import_mindnlp()` (diffusers port left out) vs `import mindnlp`",
