@@ -596,6 +596,7 @@ def bench_token_budget(work: Path) -> None:
 def bench_join_loop(work: Path, rounds: int = 2) -> None:
     """Issue 14: msrun's join loop polls without sleeping. The same 2-worker job with msrun left as it is and
     with the hook's SCHED_IDLE join, alternately: msrun's own CPU seconds, the ranks' rows/s and job time."""
+    from operators.msrun_cpu import CpuSampler
     from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port
 
     clips = _clips(work / "clips", 16)
@@ -609,13 +610,14 @@ def bench_join_loop(work: Path, rounds: int = 2) -> None:
                              [str(meta), "--pretrained_model_name_or_path", str(TINY), "--output", str(out),
                               *TINY_ARGS], log_dir=str(work / f"log_{i}_{idle}"), worker_num=2, local_worker_num=2,
                              master_port=pick_free_port(29600 + i * 10), idle_join=idle)
-            hook = MsrunHook(spec, line_sink=lambda line: None)
+            cpu = CpuSampler()
+            hook = MsrunHook(spec, line_sink=lambda line: None, observer=cpu)
             t = time.perf_counter()
             hook.run()
             wall = time.perf_counter() - t
             ranks = json.loads(Path(f"{out}.summary.json").read_text())["ranks"]
-            runs[idle].append({"wall": wall, "msrun_cpu": hook.msrun_cpu_seconds, "policy": hook.join_policy,
-                               "join_cores": hook.join_cores or 0.0,
+            runs[idle].append({"wall": wall, "msrun_cpu": cpu.msrun_cpu_seconds, "policy": hook.join_policy,
+                               "join_cores": cpu.join_cores or 0.0,
                                "rows_per_second": sum(r["rows_per_second"] for r in ranks),
                                "generate": sum(r["busy_seconds"] for r in ranks) / sum(r["generate_calls"]
                                                                                         for r in ranks)})
