@@ -47,12 +47,12 @@ def load(name: str, dtype: str, model_dir: str, meta: str, clip: str) -> None:
     runtime.setup_device("CPU")
     from captioning_core.config import RunConfig
     from captioning_core.models import captioner_class
+    from testkit.profile import TINY
 
     out: dict = {"model": name, "dtype": dtype}
     cls = captioner_class(name)
     cfg = RunConfig(meta_path=meta, model=name, pretrained_model_name_or_path=model_dir, device_target="CPU",
-                    dtype=dtype, max_new_tokens=8,
-                    model_options={"height": 112, "width": 112, "fps": 2, "min_pixels": 3136})
+                    dtype=dtype, max_new_tokens=8, model_options=TINY.model_options())
     cap = cls(cfg)
     cap.setup_preprocessing()
     item = cap.prepare(clip)

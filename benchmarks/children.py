@@ -14,9 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from testkit.paths import REPO
 
 
 def argv(module: str, kwargs: dict) -> list[str]:

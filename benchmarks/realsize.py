@@ -113,7 +113,7 @@ QWEN2_5_VL_3B_INSTRUCT = {
 
 # preprocessor_config.json of both releases (the 2.5 one names its own processor class)
 _PREPROCESSOR = {
-    "min_pixels": 3136,
+    "min_pixels": 3136,  # the released floor (56x56), not the tiny profile (testkit.profile.TINY)
     "max_pixels": 12845056,
     "patch_size": 14,
     "temporal_patch_size": 2,

@@ -34,6 +34,7 @@ printed as such, never hidden.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -46,14 +47,18 @@ import time
 from pathlib import Path
 
 from benchmarks.children import run_child, run_child_watched
+from testkit.paths import REPO, TINY_QWEN2VL
+from testkit.profile import TINY, Profile
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "plugins"))
 
-TINY = REPO / "tiny_models" / "qwen2vl"
-TINY_ARGS = ["--device_target", "CPU", "--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136",
-             "--max_new_tokens", "8", "--log_every", "1000"]
+
+def tiny_args(profile: Profile = TINY) -> list[str]:
+    """The caption scripts' CPU argv for the benchmarks: ``profile`` (the tiny one), 8-token captions, quiet."""
+    return ["--device_target", "CPU", *profile.args(), "--max_new_tokens", "8", "--log_every", "1000"]
+
+
+TINY_ARGS = tiny_args()
 RESULTS: list[tuple[str, str, str, str]] = []
 
 
@@ -74,7 +79,7 @@ def bench_throughput(work: Path) -> None:
     clips = _clips(work / "clips", 16)
     meta = work / "meta.csv"
     meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
-    common = dict(meta=str(meta), model=str(TINY), extra=TINY_ARGS)
+    common = dict(meta=str(meta), model=str(TINY_QWEN2VL), extra=TINY_ARGS)
     seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "seed.csv"), **common))
     ours = run_child("child_throughput", dict(mode="runner", bs="4", out=str(work / "ours.csv"), **common))
     ratio = (ours["rows"] / ours["wall"]) / (seed["rows"] / seed["wall"])
@@ -91,8 +96,8 @@ def bench_decode_heavy(work: Path, rows: int = 24) -> None:
     clip = _textured_clip(work / "heavy", seconds=60.0, gop=250)
     meta = work / "heavy.csv"
     meta.write_text("path\n" + "\n".join([str(clip)] * rows) + "\n")
-    extra = [*TINY_ARGS[:TINY_ARGS.index("--fps")], "--fps", "0.1", *TINY_ARGS[TINY_ARGS.index("--fps") + 2:]]
-    common = dict(meta=str(meta), model=str(TINY), extra=extra)
+    extra = tiny_args(dataclasses.replace(TINY, fps=0.1))
+    common = dict(meta=str(meta), model=str(TINY_QWEN2VL), extra=extra)
     seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "heavy_seed.csv"), **common))
     ours = run_child("child_throughput", dict(mode="runner", bs="4", out=str(work / "heavy_ours.csv"), **common))
     ratio = (ours["rows"] / ours["wall"]) / (seed["rows"] / seed["wall"])
@@ -422,7 +427,7 @@ def bench_resume(work: Path) -> None:
         paths = [f"s3://{bucket}/videos/{i:05d}.mp4" for i in range(10_000)]
         meta = f"s3://{bucket}/day/meta.csv"
         storage.write_bytes(meta, ("path\n" + "\n".join(paths) + "\n").encode())
-        cfg = RunConfig(meta_path=meta, model="qwen2vl", pretrained_model_name_or_path=str(TINY), device_target="CPU",
+        cfg = RunConfig(meta_path=meta, model="qwen2vl", pretrained_model_name_or_path=str(TINY_QWEN2VL), device_target="CPU",
                         skip_if_existing=True)
         fp = fingerprint.compute(cfg)
         rows = [RowResult(i, p, "ok", "a red square moves left", tokens=6, fingerprint=fp["id"])
@@ -455,7 +460,7 @@ def bench_resume(work: Path) -> None:
         report("4 publish of that 10k-row partition (journal load, summary, 100 gallery pages, output, compaction)",
                f"{pub:.2f}s", "<= 2 s", pub <= 2)
         argv = [sys.executable, "-m", "captioning_core.caption_qwen2vl", meta, "--pretrained_model_name_or_path",
-                str(TINY), "--device_target", "CPU", "--skip_if_existing"]
+                str(TINY_QWEN2VL), "--device_target", "CPU", "--skip_if_existing"]
         t = time.perf_counter()
         subprocess.run(argv, check=True, capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         skip = time.perf_counter() - t
@@ -494,7 +499,7 @@ def bench_workers(work: Path) -> None:
         meta = work / f"meta_w{workers}.csv"
         meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
         spec = MsrunSpec(str(REPO / "captioning_core" / "caption_qwen2vl.py"),
-                         [str(meta), "--pretrained_model_name_or_path", str(TINY), "--bs", "4", *TINY_ARGS],
+                         [str(meta), "--pretrained_model_name_or_path", str(TINY_QWEN2VL), "--bs", "4", *TINY_ARGS],
                          log_dir=str(work / f"log_w{workers}"), worker_num=workers, local_worker_num=workers,
                          master_port=pick_free_port(29500 + workers * 10))
         t = time.perf_counter()
@@ -573,7 +578,7 @@ def bench_token_budget(work: Path) -> None:
     clips = [ensure_clip(spec, work / "clips") for spec in MIXED_DURATION_SPECS]
     meta = work / "meta.csv"
     meta.write_text("path\n" + "\n".join(str(c) for c in clips) + "\n")
-    common = dict(meta=str(meta), model=str(TINY), extra=TINY_ARGS)
+    common = dict(meta=str(meta), model=str(TINY_QWEN2VL), extra=TINY_ARGS)
     seed = run_child("child_throughput", dict(mode="seed", bs="1", out=str(work / "seed.csv"), **common))
     ours = run_child("child_token_budget", dict(out=str(work / "ours.csv"), **common))
     seed_rate, our_rate = seed["rows"] / seed["wall"], ours["rows"] / ours["wall"]
@@ -607,7 +612,7 @@ def bench_join_loop(work: Path, rounds: int = 2) -> None:
         for idle in ((False, True) if i % 2 == 0 else (True, False)):
             out = work / f"out_{i}_{idle}.csv"
             spec = MsrunSpec(str(REPO / "captioning_core" / "caption_qwen2vl.py"),
-                             [str(meta), "--pretrained_model_name_or_path", str(TINY), "--output", str(out),
+                             [str(meta), "--pretrained_model_name_or_path", str(TINY_QWEN2VL), "--output", str(out),
                               *TINY_ARGS], log_dir=str(work / f"log_{i}_{idle}"), worker_num=2, local_worker_num=2,
                              master_port=pick_free_port(29600 + i * 10), idle_join=idle)
             cpu = CpuSampler()
