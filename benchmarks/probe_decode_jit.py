@@ -20,7 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TINY = REPO / "tiny_models" / "qwen2vl"
 STEPS = 16
 
 
@@ -44,11 +43,12 @@ def main() -> int:
     from captioning_core.config import RunConfig
     from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
     from testkit.clips import ClipSpec, ensure_clip
+    from testkit.paths import TINY_QWEN2VL
+    from testkit.profile import TINY
 
     clip = ensure_clip(ClipSpec("red", "left", "square", 320, 240, 25, 2.0, 25), tempfile.mkdtemp(prefix="probe-"))
-    cfg = RunConfig(meta_path="unused.csv", model="qwen2vl", pretrained_model_name_or_path=str(TINY),
-                    device_target="CPU", max_new_tokens=STEPS,
-                    model_options={"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136})
+    cfg = RunConfig(meta_path="unused.csv", model="qwen2vl", pretrained_model_name_or_path=str(TINY_QWEN2VL),
+                    device_target="CPU", max_new_tokens=STEPS, model_options=TINY.model_options())
     cap = Qwen2VLCaptioner(cfg)
     cap.setup()
     model = cap.model

@@ -1,4 +1,5 @@
-"""Released model layouts at real size, for benchmark item 11 (data and child-process code only).
+"""Released model layouts at real size, for benchmark item 11 (data only; its children are
+``benchmarks.child_realsize_build`` and ``benchmarks.child_realsize_load``).
 
 No weights can be downloaded here, so the item builds a random-weight checkpoint from the *released*
 ``config.json`` of each model (the values below are the published configs, key for key), saved the way the
@@ -112,7 +113,7 @@ QWEN2_5_VL_3B_INSTRUCT = {
 
 # preprocessor_config.json of both releases (the 2.5 one names its own processor class)
 _PREPROCESSOR = {
-    "min_pixels": 3136,
+    "min_pixels": 3136,  # the released floor (56x56), not the tiny profile (testkit.profile.TINY)
     "max_pixels": 12845056,
     "patch_size": 14,
     "temporal_patch_size": 2,
@@ -150,136 +151,3 @@ def mem_available_gib() -> float:
     with open("/proc/meminfo") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")) / 2**20
 
-
-# Real PyTorch child: random-weight checkpoint from the released config, saved as the release is.
-BUILD = """
-import json, os, sys, time
-sys.path.insert(0, {repo!r})
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
-from transformers.modeling_utils import no_init_weights
-from benchmarks.realsize import MODELS, QWEN_SPECIAL_IDS, SHARD_SIZE
-
-layout = MODELS[{key!r}]
-repo_id, released, preprocessor = layout.repo_id, layout.config, layout.preprocessor
-out = {out!r}
-os.makedirs(out, exist_ok=True)
-with open(os.path.join(out, "config.json"), "w") as fh:
-    json.dump(released, fh, indent=2)
-t0 = time.perf_counter()
-config = AutoConfig.from_pretrained(out)
-with no_init_weights():  # skip the per-tensor random init (normal_ over 2-4 G values: ~30-45 s here)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-model.tie_weights()
-# Cheap deterministic fill: tile one random block (values ~N(0, 0.02)); norms 1, biases 0, so activations
-# stay finite. Speed and memory do not depend on the values.
-block = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-with torch.no_grad():
-    for i, (name, p) in enumerate(model.named_parameters()):
-        if p.dim() == 1:
-            p.fill_(1.0 if name.endswith("weight") and ("norm" in name or "ln_q" in name) else 0.0)
-            continue
-        flat, pos, off = p.view(-1), 0, (i * 7919) % block.numel()
-        while pos < flat.numel():
-            n = min(flat.numel() - pos, block.numel() - off)
-            flat[pos:pos + n].copy_(block[off:off + n])
-            pos, off = pos + n, 0
-built = time.perf_counter() - t0
-t0 = time.perf_counter()
-model.save_pretrained(out, max_shard_size=SHARD_SIZE)
-saved = time.perf_counter() - t0
-params = sum(p.numel() for p in model.parameters())
-del model
-# the released config.json and preprocessor_config.json, not transformers 4.57's re-serialisation
-with open(os.path.join(out, "config.json"), "w") as fh:
-    json.dump(released, fh, indent=2)
-with open(os.path.join(out, "preprocessor_config.json"), "w") as fh:
-    json.dump(preprocessor, fh, indent=2)
-
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from tools.tiny_vocab import CAPTION_WORDS, PROMPT_WORDS, QWEN_CHAT_TEMPLATE
-vocab = {{}}
-for word in ["<unk>", *CAPTION_WORDS, *PROMPT_WORDS]:
-    vocab.setdefault(word, len(vocab))
-by_id = {{i: t for t, i in QWEN_SPECIAL_IDS.items()}}
-for i in range(len(vocab), max(by_id) + 1):
-    vocab[by_id.get(i, f"<filler_{{i}}>")] = i
-tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-tk.normalizer, tk.pre_tokenizer, tk.decoder = normalizers.Lowercase(), pre_tokenizers.Whitespace(), decoders.WordPiece()
-tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-                              additional_special_tokens=[t for t in QWEN_SPECIAL_IDS if t not in ("<|endoftext|>", "<|im_end|>")],
-                              model_input_names=["input_ids", "attention_mask"])
-tok.chat_template = QWEN_CHAT_TEMPLATE
-tok.save_pretrained(out)
-assert all(tok.convert_tokens_to_ids(t) == i for t, i in QWEN_SPECIAL_IDS.items())
-index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
-shards = sorted(set(index["weight_map"].values()))
-print(json.dumps({{"build_s": built, "save_s": saved, "params": params, "repo_id": repo_id,
-                  "weights_bytes": sum(os.path.getsize(os.path.join(out, s)) for s in shards),
-                  "shard_bytes": [os.path.getsize(os.path.join(out, s)) for s in shards],
-                  "index_total_size": index["metadata"]["total_size"],
-                  "hwm_gib": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 2**20}}))
-"""
-
-# mindnlp child: the production path (captioner_class -> setup_preprocessing, prepare, setup, generate).
-LOAD = """
-import json, sys, time, traceback
-sys.path.insert(0, {repo!r})
-from captioning_core import runtime
-runtime.setup_device("CPU")
-from captioning_core.config import RunConfig
-from captioning_core.models import captioner_class
-
-def mem():
-    status = open("/proc/self/status").read()
-    return {{k: int(status.split(k + ":")[1].split()[0]) / 2**20 for k in ("VmHWM", "VmRSS")}}
-
-def failure(err):
-    # the exception's own first lines plus the innermost frame in transformers/mindtorch/mindspore code
-    lines = [l.strip() for l in str(err).splitlines() if l.strip() and not set(l.strip()) <= set("-")]
-    lines = [l[l.index("but get"):] if "but get" in l else l for l in lines[:3]]  # MindSpore lists every supported type
-    frames = traceback.extract_tb(err.__traceback__)
-    def last(*parts):
-        hits = [f for f in frames if any(p in f.filename for p in parts)]
-        return hits[-1].filename.split("site-packages/")[-1] + ":" + str(hits[-1].lineno) + " " + hits[-1].name if hits else ""
-    where = [w for w in (last("transformers/"), last("mindtorch/", "mindspore/")) if w]
-    return {{"error": type(err).__name__ + ": " + "; ".join(lines)[:400], "where": " -> ".join(where)}}
-
-out = {{"model": {name!r}, "dtype": {dtype!r}}}
-cls = captioner_class({name!r})
-cfg = RunConfig(meta_path={meta!r}, model={name!r}, pretrained_model_name_or_path={model_dir!r}, device_target="CPU",
-                dtype={dtype!r}, max_new_tokens=8,
-                model_options={{"height": 112, "width": 112, "fps": 2, "min_pixels": 3136}})
-cap = cls(cfg)
-cap.setup_preprocessing()
-item = cap.prepare({clip!r})
-out["video_tokens"] = item.num_tokens
-t0 = time.perf_counter()
-runtime.import_mindnlp()
-out["import_s"] = time.perf_counter() - t0
-out["after_import"] = mem()
-
-def progress(phase):  # one JSON line per phase: a parent that stops this process still knows where it was
-    print(json.dumps({{**out, "phase": phase}}), flush=True)
-
-progress("loading")
-try:
-    t0 = time.perf_counter()
-    cap.setup()
-    out["load_s"] = time.perf_counter() - t0
-    out["after_load"] = mem()
-except Exception as err:
-    out["load_failed"] = failure(err)
-else:
-    progress("generating")
-    try:
-        t0 = time.perf_counter()
-        ids = cap.generate([item])
-        out["generate_s"] = time.perf_counter() - t0
-        out["new_tokens"] = len(ids[0])
-    except Exception as err:
-        out["generate_failed"] = failure(err)
-out["end"] = mem()
-progress("done")
-"""

@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 
+from operators.msrun_cpu import CpuSampler
 from operators.msrun_hook import MsrunError, MsrunHook, MsrunSpec, pick_free_port
 
 pytestmark = pytest.mark.msrun
@@ -31,11 +32,11 @@ time.sleep(float(os.environ.get("WORKER_SECONDS", "8")))
 """
 
 
-def _hook(tmp_path, name: str, env: dict, **spec) -> MsrunHook:
+def _hook(tmp_path, name: str, env: dict, observer: CpuSampler | None = None, **spec) -> MsrunHook:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     return MsrunHook(MsrunSpec(str(script), log_dir=str(tmp_path / name), master_port=pick_free_port(29700),
-                               **spec), env, line_sink=lambda line: None)
+                               **spec), env, line_sink=lambda line: None, observer=observer)
 
 
 def _policies(hook: MsrunHook, until: float) -> dict:
@@ -69,11 +70,13 @@ def _run_watching(hook: MsrunHook) -> tuple[dict, BaseException | None]:
 
 
 def test_join_loop_runs_idle_while_the_ranks_keep_the_normal_policy(tmp_path):
-    hook = _hook(tmp_path, "idle", {})
+    cpu = CpuSampler()
+    hook = _hook(tmp_path, "idle", {}, observer=cpu)
     seen, error = _run_watching(hook)
     assert error is None and hook.join_policy == "SCHED_IDLE"
     assert seen == {"msrun": os.SCHED_IDLE, "ranks": [os.SCHED_OTHER, os.SCHED_OTHER]}
-    assert hook.msrun_cpu_seconds > 0
+    assert cpu.msrun_cpu_seconds > 0
+    assert cpu.join_cpu_start is not None and cpu.join_cores is not None  # the join loop's start was seen
 
 
 def test_without_idle_join_msrun_keeps_its_policy(tmp_path):

@@ -26,7 +26,6 @@ passes; never the worker's Airflow configuration (``AIRFLOW__*``: Fernet key, da
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import os
 import re
@@ -38,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from airflow.sdk import BaseHook
 
@@ -141,12 +141,24 @@ def _prepare_child() -> None:  # runs in the child between fork and exec
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see the module docstring; ranks install their own handler
 
 
+class MsrunObserver(Protocol):
+    """What a caller may attach to watch msrun (``MsrunHook(..., observer=...)``), e.g. the CPU sampling of
+    ``operators.msrun_cpu.CpuSampler``; the hook itself measures nothing. Both calls get msrun's pid."""
+
+    def polled(self, pid: int) -> None:
+        """Once a second while ``run()`` waits for msrun (in ``run()``'s thread)."""
+
+    def join_started(self, pid: int) -> None:
+        """When msrun logs that every process is spawned (its join loop starts), before the idle join (in the
+        thread that reads msrun's output)."""
+
+
 class MsrunHook(BaseHook):
     """Runs one msrun job; ``run`` blocks until it ends and raises MsrunError on failure or when stopped."""
 
     def __init__(self, spec: MsrunSpec, env: dict[str, str] | None = None, *, python: str | None = None,
                  kill_grace: float = 4.0, tail_lines: int = 40, allow_fault_injection: bool = False,
-                 line_sink: Callable[[str], None] | None = None) -> None:
+                 line_sink: Callable[[str], None] | None = None, observer: MsrunObserver | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.env = dict(env or {})
@@ -155,6 +167,7 @@ class MsrunHook(BaseHook):
         self.tail_lines = tail_lines
         self.allow_fault_injection = allow_fault_injection
         self.line_sink = line_sink
+        self.observer = observer
         self.proc: subprocess.Popen | None = None
         self._tails: dict[str, collections.deque] = {}
         self._offsets: dict[int, int] = {}
@@ -162,10 +175,7 @@ class MsrunHook(BaseHook):
         self.stop_reason: str | None = None  # set by kill(); run() raises with it
         self._stopping = False
         self._tree: dict[int, object] = {}  # pid -> psutil.Process of everything msrun started
-        self.msrun_cpu_seconds = 0.0  # msrun's own CPU time, sampled every second while it runs
         self.join_policy = "default"  # msrun's scheduling once its workers are up (see _idle_join)
-        self.join_cpu_start: tuple[float, float] | None = None  # (monotonic time, msrun CPU s) at the join
-        self.join_ended = 0.0  # monotonic time of the last CPU sample
 
     def build_argv(self) -> list[str]:
         s = self.spec
@@ -228,20 +238,12 @@ class MsrunHook(BaseHook):
         return code
 
     def _wait(self) -> int:
-        """Wait for msrun, noting every process it starts (so none can be left behind), and msrun's own CPU
-        seconds (``msrun_cpu_seconds``: its join loop's cost)."""
-        import psutil
-
+        """Wait for msrun, noting every process it starts (so none can be left behind)."""
         assert self.proc is not None
-        msrun = None
-        with contextlib.suppress(psutil.Error):
-            msrun = psutil.Process(self.proc.pid)
         while True:
             self._note_tree()
-            with contextlib.suppress(psutil.Error):
-                if msrun is not None:
-                    self.msrun_cpu_seconds = sum(msrun.cpu_times()[:2])
-                    self.join_ended = time.monotonic()
+            if self.observer is not None:
+                self.observer.polled(self.proc.pid)
             try:
                 return self.proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
@@ -265,13 +267,6 @@ class MsrunHook(BaseHook):
         else:
             self.log.info("[%s] %s", source, line)
 
-    @property
-    def join_cores(self) -> float | None:
-        """Cores msrun's join loop used on average (CPU seconds / wall seconds since it started)."""
-        if self.join_cpu_start is None or self.join_ended <= self.join_cpu_start[0]:
-            return None
-        return (self.msrun_cpu_seconds - self.join_cpu_start[1]) / (self.join_ended - self.join_cpu_start[0])
-
     def _pump_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -280,11 +275,10 @@ class MsrunHook(BaseHook):
             self._emit("msrun", line)
 
     def _join_started(self) -> None:
-        """Note msrun's CPU seconds when its join loop starts (what follows is the loop's cost)."""
-        import psutil
-
-        with contextlib.suppress(psutil.Error):
-            self.join_cpu_start = (time.monotonic(), sum(psutil.Process(self.proc.pid).cpu_times()[:2]))
+        """msrun's join loop starts: tell the observer, then (``idle_join``) lower msrun's priority."""
+        assert self.proc is not None
+        if self.observer is not None:
+            self.observer.join_started(self.proc.pid)
         if self.spec.idle_join:
             self._idle_join()
 
