@@ -69,3 +69,45 @@ def parameter(array: np.ndarray, name: str, dtype: str):
 
     return Parameter(Tensor(np.ascontiguousarray(array, dtype=np.float32), dtype=ms_dtype(dtype)),
                      name=name, requires_grad=False)
+
+
+#: transformers >= 4.52 saves ``model.visual.*`` / ``model.language_model.*``; original checkpoints store
+#: ``visual.*`` / ``model.*``. Names are asked for in the original layout and found in either.
+_NEW_LAYOUT = (("visual.", "model.visual."), ("model.", "model.language_model."))
+
+
+class Loader:
+    """Parameters by checkpoint name, at the run dtype, each made once (cells that share a weight share it)."""
+
+    def __init__(self, ck: Checkpoint, dtype: str) -> None:
+        self.ck, self.dtype = ck, dtype
+        self._made: dict[str, object] = {}
+
+    def resolve(self, name: str) -> str:
+        if name in self.ck:
+            return name
+        for old, new in _NEW_LAYOUT:
+            if name.startswith(old) and new + name[len(old):] in self.ck:
+                return new + name[len(old):]
+        raise KeyError(f"checkpoint has no tensor {name!r}")
+
+    def has(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except KeyError:
+            return False
+        return True
+
+    def __call__(self, name: str, transform=None):
+        """The Parameter of tensor ``name`` (optionally reshaped by ``transform``)."""
+        if name not in self._made:
+            array = self.ck.get(self.resolve(name))
+            self._made[name] = parameter(transform(array) if transform else array, name, self.dtype)
+        return self._made[name]
+
+    def cat(self, names: list[str], name: str):
+        """One Parameter holding several tensors concatenated on axis 0 (fused q/k/v or gate/up weights)."""
+        if name not in self._made:
+            self._made[name] = parameter(np.concatenate([self.ck.get(self.resolve(n)) for n in names]), name,
+                                         self.dtype)
+        return self._made[name]

@@ -1,9 +1,11 @@
-"""Qwen2-VL's vision tower as one compiled Cell over a padded patch count.
+"""Qwen2-VL's vision tower as one compiled Cell over every video of a batch.
 
-All videos of a batch go through in one call: their patches are concatenated and padded to a bucket, and one
-block-diagonal additive mask (built in the graph from per-patch segment ids) keeps attention within each
-temporal patch group, as transformers' ``cu_seqlens`` does, instead of a loop over videos. Padding patches form
-their own segment and their merged tokens are never read.
+transformers runs the tower over the concatenated patches of all videos and keeps attention within each
+temporal patch group (``cu_seqlens``): a block-diagonal mask. Here that block-diagonal structure is laid out
+densely: each temporal group's patches sit in their own row of a ``[groups, patches]`` grid (both padded to a
+bucket), and attention is one batched matmul per row with a key-padding mask. That is the same arithmetic as the
+block-diagonal mask without its quadratic cost in the batch's total patch count. Padding patches are never
+read back: the merged tokens the language model takes are gathered by index on the host's instructions.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from captioning_core.engine import layers
-from captioning_core.engine.checkpoint import Checkpoint, parameter
+from captioning_core.engine.checkpoint import Checkpoint
 
 
 class VisionConfig:
@@ -36,9 +38,9 @@ class VisionConfig:
 
 
 class VisionBlock(nn.Cell):
-    def __init__(self, ck: Checkpoint, prefix: str, cfg: VisionConfig, dtype: str) -> None:
+    def __init__(self, ck: Checkpoint, prefix: str, cfg: VisionConfig, param) -> None:
         super().__init__()
-        g = lambda n: parameter(ck.get(f"{prefix}{n}"), f"{prefix}{n}", dtype)  # noqa: E731
+        g = lambda n: param(f"{prefix}{n}")  # noqa: E731
         self.n1w, self.n1b = g("norm1.weight"), g("norm1.bias")
         self.n2w, self.n2b = g("norm2.weight"), g("norm2.bias")
         self.wqkv, self.bqkv = g("attn.qkv.weight"), g("attn.qkv.bias")
@@ -50,44 +52,70 @@ class VisionBlock(nn.Cell):
         self.bmm_t, self.bmm = ops.BatchMatMul(transpose_b=True), ops.BatchMatMul()
 
     def construct(self, x, cos, sin, madd):
-        n = x.shape[0]
+        groups, size = madd.shape[0], madd.shape[-1]
         h = layers.layer_norm(x, self.n1w, self.n1b, 1e-6)
-        qkv = layers.linear(h, self.wqkv, self.bqkv).reshape(n, 3, self.heads, self.head_dim)
-        q = layers.rope(qkv[:, 0], cos, sin).transpose(1, 0, 2)  # [heads, n, hd]
-        k = layers.rope(qkv[:, 1], cos, sin).transpose(1, 0, 2)
-        v = qkv[:, 2].transpose(1, 0, 2)
+        qkv = layers.linear(h, self.wqkv, self.bqkv).reshape(groups, size, 3, self.heads, self.head_dim)
+        q = layers.rope(qkv[:, :, 0], cos, sin).transpose(0, 2, 1, 3)  # [groups, heads, size, hd]
+        k = layers.rope(qkv[:, :, 1], cos, sin).transpose(0, 2, 1, 3)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)
         s = self.bmm_t(q, k) * self.scale + madd
-        a = self.bmm(layers.softmax(s, x.dtype), v).transpose(1, 0, 2).reshape(n, self.heads * self.head_dim)
-        x = x + layers.linear(a, self.wo, self.bo)
+        a = self.bmm(layers.softmax(s, x.dtype), v).transpose(0, 2, 1, 3)
+        x = x + layers.linear(a.reshape(groups * size, self.heads * self.head_dim), self.wo, self.bo)
         h = layers.linear(layers.layer_norm(x, self.n2w, self.n2b, 1e-6), self.w1, self.b1)
         h = h * ops.sigmoid(1.702 * h)  # quick_gelu
         return x + layers.linear(h, self.w2, self.b2)
 
 
 class VisionTower(nn.Cell):
-    """(patches [N, C*tp*p*p], angles [N, head_dim], segment ids [N] int32) -> merged tokens [N/merge^2, D]."""
+    """(patches [G*S, C*tp*p*p], angles [G*S, head_dim], key_valid [G, S] float 0/1) -> merged [G*S/4, D].
 
-    def __init__(self, ck: Checkpoint, cfg: VisionConfig, dtype: str, prefix: str = "visual.") -> None:
+    Row ``g*S + i`` holds patch ``i`` of temporal group ``g``; S is a multiple of merge^2, so the 2x2 merge
+    groups never straddle two temporal groups."""
+
+    def __init__(self, ck: Checkpoint, cfg: VisionConfig, param, prefix: str = "visual.") -> None:
         super().__init__()
-        w = ck.get(f"{prefix}patch_embed.proj.weight")  # Conv3d with stride = kernel: a matmul per patch
-        self.patch_w = parameter(w.reshape(w.shape[0], -1), f"{prefix}patch_embed.proj.weight", dtype)
-        self.blocks = nn.CellList([VisionBlock(ck, f"{prefix}blocks.{i}.", cfg, dtype) for i in range(cfg.depth)])
-        g = lambda n: parameter(ck.get(f"{prefix}merger.{n}"), f"{prefix}merger.{n}", dtype)  # noqa: E731
+        self.patch_w = param(f"{prefix}patch_embed.proj.weight", lambda w: w.reshape(w.shape[0], -1))
+        self.blocks = nn.CellList([VisionBlock(ck, f"{prefix}blocks.{i}.", cfg, param) for i in range(cfg.depth)])
+        g = lambda n: param(f"{prefix}merger.{n}")  # noqa: E731
         self.lnw, self.lnb = g("ln_q.weight"), g("ln_q.bias")
         self.m0w, self.m0b, self.m2w, self.m2b = g("mlp.0.weight"), g("mlp.0.bias"), g("mlp.2.weight"), g("mlp.2.bias")
         self.group = cfg.merge * cfg.merge * cfg.embed_dim
-        self.zero = Tensor(np.float32(0))
         self.neg = Tensor(np.float32(np.finfo(np.float32).min))
 
-    def construct(self, pixels, angles, segments):
+    def construct(self, pixels, angles, key_valid):
         x = layers.linear(pixels.astype(self.patch_w.dtype), self.patch_w)
-        n = x.shape[0]
-        cos = ops.cos(angles).reshape(n, 1, -1).astype(x.dtype)
-        sin = ops.sin(angles).reshape(n, 1, -1).astype(x.dtype)
-        same = segments.reshape(n, 1) == segments.reshape(1, n)
-        madd = ops.select(same, self.zero.broadcast_to((n, n)), self.neg.broadcast_to((n, n))).astype(x.dtype)
+        groups, size = key_valid.shape
+        cos = ops.cos(angles).reshape(groups, size, 1, -1).astype(x.dtype)
+        sin = ops.sin(angles).reshape(groups, size, 1, -1).astype(x.dtype)
+        madd = ((1 - key_valid) * self.neg).reshape(groups, 1, 1, size).astype(x.dtype)
         for blk in self.blocks:
             x = blk(x, cos, sin, madd)
         x = layers.layer_norm(x, self.lnw, self.lnb, 1e-6).reshape(-1, self.group)
         x = ops.gelu(layers.linear(x, self.m0w, self.m0b), approximate="none")
         return layers.linear(x, self.m2w, self.m2b)
+
+
+def pack(pixel_values: np.ndarray, grid_thw: np.ndarray, head_dim: int, merge: int, groups: int,
+         size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lay a batch's patches out as the tower's ``[groups, size]`` grid.
+
+    Returns (pixels [groups*size, F], angles [groups*size, head_dim], key_valid [groups, size] float32,
+    rows [n_merged]: for each merged token of the batch, in transformers' order, its row in the tower's output).
+    """
+    from captioning_core.engine.rope import vision_angles
+
+    feat = pixel_values.shape[1]
+    pixels = np.zeros((groups * size, feat), np.float32)
+    angles = np.zeros((groups * size, head_dim), np.float32)
+    valid = np.zeros((groups, size), np.float32)
+    rows, src, g = [], 0, 0
+    all_angles = vision_angles(grid_thw, merge, head_dim)
+    for t, h, w in np.asarray(grid_thw).tolist():
+        n = h * w
+        for _ in range(t):
+            pixels[g * size:g * size + n] = pixel_values[src:src + n]
+            angles[g * size:g * size + n] = all_angles[src:src + n]
+            valid[g, :n] = 1
+            rows.append(np.arange(n // (merge * merge)) + g * size // (merge * merge))
+            src, g = src + n, g + 1
+    return pixels, angles, valid, np.concatenate(rows).astype(np.int32)

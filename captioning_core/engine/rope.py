@@ -37,6 +37,8 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: V
     for row in range(bsz):
         keep = attention_mask[row] == 1
         ids = input_ids[row][keep]
+        if not len(ids):  # a spare (all-padding) row of a padded batch
+            continue
         pieces, st, nxt = [], 0, 0
         for start in np.flatnonzero(ids[:-1] == tokens.vision_start):
             kind = {tokens.video: "video", tokens.image: "image"}.get(int(ids[start + 1]))
