@@ -60,6 +60,7 @@ class CompiledQwen2VL:
         self.tokens = rope.VisionTokens(int(raw.get("vision_start_token_id", 151652)),
                                         int(raw.get("image_token_id", 151655)),
                                         int(raw.get("video_token_id", 151656)), self.vision_cfg.merge)
+        self.eos_ids = greedy_eos_ids(model_dir, raw)
         started = time.perf_counter()
         load = Loader(Checkpoint(model_dir), self.choice.dtype)
         self.weights = TextWeights(load, self.text_cfg)
@@ -198,6 +199,34 @@ class CompiledQwen2VL:
             self.stats.decode_steps += 1
             host = tok.asnumpy()
         return out
+
+
+def greedy_eos_ids(model_dir: str, raw_config: dict) -> frozenset[int]:
+    """The stop ids ``generate`` would use with the checkpoint's generation settings, which must amount to
+    greedy decoding (this engine's only decoding). ``do_sample`` with ``top_k=1`` is greedy; a repetition
+    penalty or n-gram blocking is not implemented, and such a checkpoint is refused rather than captioned
+    differently from the eager engine."""
+    path = os.path.join(model_dir, "generation_config.json")
+    gen = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            gen = json.load(fh)
+    unsupported = []
+    if gen.get("do_sample") and gen.get("top_k") != 1:
+        unsupported.append(f"do_sample with top_k={gen.get('top_k')}")
+    if gen.get("repetition_penalty") not in (None, 1, 1.0):
+        unsupported.append(f"repetition_penalty={gen['repetition_penalty']}")
+    if gen.get("no_repeat_ngram_size"):
+        unsupported.append(f"no_repeat_ngram_size={gen['no_repeat_ngram_size']}")
+    if int(gen.get("num_beams", 1)) != 1:
+        unsupported.append(f"num_beams={gen['num_beams']}")
+    if unsupported:
+        raise NotImplementedError(f"{model_dir}: generation_config.json asks for {', '.join(unsupported)}; the "
+                                  "compiled engine decodes greedily only (use the eager engine)")
+    eos = gen.get("eos_token_id", raw_config.get("eos_token_id"))
+    if eos is None:
+        eos = (raw_config.get("text_config") or {}).get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [int(eos)])
 
 
 class _Session:

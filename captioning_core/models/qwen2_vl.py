@@ -159,8 +159,19 @@ class Qwen2VLCaptioner(Captioner):
     model_class: str = "Qwen2VLForConditionalGeneration"
     options_cls = Qwen2VLOptions
 
-    def __init__(self, cfg: RunConfig) -> None:
+    #: models the compiled engine (captioning_core.engine) implements; others run eager only
+    compiled_engine: str | None = "qwen2vl"
+
+    def __init__(self, cfg: RunConfig, engine: str | None = None) -> None:
         super().__init__(cfg)
+        #: "eager" (mindnlp, the reference) or "compiled" (MindSpore graphs); a RunConfig ``engine`` field, once
+        #: it exists, is the default
+        self.engine = engine or getattr(cfg, "engine", None) or "eager"
+        if self.engine not in ("eager", "compiled"):
+            raise ValueError(f"engine must be 'eager' or 'compiled', got {self.engine!r}")
+        if self.engine == "compiled" and type(self).compiled_engine != "qwen2vl":
+            raise ValueError(f"{self.name}: no compiled engine yet (use engine='eager')")
+        self.compiled = None  # the compiled engine, set by setup() when engine == "compiled"
         self.opts = self.options_cls(**cfg.model_options)
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
         if self.opts.max_video_tokens is None:
@@ -197,6 +208,14 @@ class Qwen2VLCaptioner(Captioner):
 
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
+        if self.engine == "compiled":
+            from captioning_core.engine.qwen2vl import CompiledQwen2VL
+
+            self.setup_prompt()
+            self.compiled = CompiledQwen2VL.from_pretrained(self.model_dir, self.cfg.dtype, self.cfg.device_target)
+            log.info("loaded %s into the compiled engine (%s, %s)", self.model_dir, self.cfg.device_target,
+                     self.cfg.dtype)
+            return
         runtime.import_mindnlp()
         from mindnlp import transformers
 
@@ -253,9 +272,12 @@ class Qwen2VLCaptioner(Captioner):
                 "video_grid_thw": np.asarray([b.grid_thw for b in batch], dtype=int_dtype)}
 
     def generate(self, batch: list[PreparedVideo]) -> list[list[int]]:
+        arrays = self.model_inputs(batch)
+        if self.compiled is not None:
+            rows = self.compiled.generate(arrays, self.cfg.max_new_tokens, eos_ids=self.compiled.eos_ids)
+            return [trim_generated(row, self.stop_ids) for row in rows]
         import torch  # mindtorch under mindnlp
 
-        arrays = self.model_inputs(batch)
         inputs = {name: torch.tensor(value) for name, value in arrays.items()}
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(runtime.torch_dtype(self.cfg.dtype))
         with torch.no_grad():
@@ -267,8 +289,11 @@ class Qwen2VLCaptioner(Captioner):
     @property
     def stop_ids(self) -> set[int]:
         ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if self.compiled is not None:
+            ids.update(self.compiled.eos_ids)
+        else:
+            gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+            ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         return {i for i in ids if i is not None}
 
     def decode(self, token_ids: list[int]) -> str:
