@@ -21,6 +21,7 @@ import numpy as np
 
 STEPS = 32
 EDGE_NEW = 5
+PENALTY = 1.3  # the released Qwen2-VL-Instruct configs ask for 1.05; larger, so the tiny model's loops change
 OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
 KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
 
@@ -88,11 +89,23 @@ def run_compiled(model_dir: str, workdir: Path, clips: list[str]) -> None:
     first = int(res["bs1_0.forced"][0, 0])
     res["edge.eos_first"] = _padded(eng.generate(arrays, STEPS, eos_ids={first}))
     res["edge.max_new"] = _padded(eng.generate(arrays, EDGE_NEW, eos_ids=stop), EDGE_NEW)
-    batch = {k: inputs[f"batch.{k}"] for k in KEYS}  # rows stopping at different steps: EOS = row 0's 4th token
-    res["edge.eos_mid"] = _padded(eng.generate(batch, STEPS, eos_ids={int(res["batch.forced"][0, 3])}))
+    batch = {k: inputs[f"batch.{k}"] for k in KEYS}  # rows stopping at different steps
+    res["edge.eos_mid_token"] = np.int64(_staggered_stop(res["batch.forced"]))
+    res["edge.eos_mid"] = _padded(eng.generate(batch, STEPS, eos_ids={int(res["edge.eos_mid_token"])}))
+    res["edge.penalty"] = _padded(eng.generate(batch, STEPS, eos_ids=stop, min_new_tokens=STEPS,
+                                               repetition_penalty=PENALTY))
     res["compile_seconds"] = np.asarray(sorted(eng.stats.compile_seconds.items()), dtype=object).astype(str)
     np.savez(workdir / "inputs.npz", **inputs)
     np.savez(workdir / "compiled.npz", **res)
+
+
+def _staggered_stop(forced: np.ndarray) -> int:
+    """A token that first appears at different steps in different rows (as an EOS, it stops them apart)."""
+    for tok in np.unique(forced):
+        first = {int(np.argmax(row == tok)) if (row == tok).any() else len(row) for row in forced}
+        if len(first) > 1:
+            return int(tok)
+    raise AssertionError("every row generated the same tokens")
 
 
 def _cases(inputs: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -116,7 +129,8 @@ def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
     from captioning_core.models.pllava_arch import to_numpy
 
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stop = {int(x) for x in np.load(workdir / "compiled.npz", allow_pickle=True)["stop_ids"]}
+    compiled = np.load(workdir / "compiled.npz", allow_pickle=True)
+    stop = {int(x) for x in compiled["stop_ids"]}
     cases = _cases(dict(np.load(workdir / "inputs.npz")))
     res = {}
     with torch.no_grad():
@@ -144,9 +158,11 @@ def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
             res["edge.max_new"] = _padded([row.tolist()[:len(_trim(row, stop)) + 1]], EDGE_NEW)
             kw = {k: torch.tensor(v) for k, v in cases["batch"].items()}
             n = cases["batch"]["input_ids"].shape[1]
-            eos = int(res["batch.forced"][0, 3])
+            eos = int(compiled["edge.eos_mid_token"])
             rows = to_numpy(model.generate(**kw, max_new_tokens=STEPS, eos_token_id=eos, do_sample=False))[:, n:]
             res["edge.eos_mid"] = _padded([r.tolist()[:len(_trim(r, {eos})) + 1] for r in rows])
+            res["edge.penalty"] = to_numpy(model.generate(**kw, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                                          repetition_penalty=PENALTY, do_sample=False))[:, n:]
     np.savez(workdir / f"{backend}.npz", **res)
 
 

@@ -60,7 +60,7 @@ class CompiledQwen2VL:
         self.tokens = rope.VisionTokens(int(raw.get("vision_start_token_id", 151652)),
                                         int(raw.get("image_token_id", 151655)),
                                         int(raw.get("video_token_id", 151656)), self.vision_cfg.merge)
-        self.eos_ids = greedy_eos_ids(model_dir, raw)
+        self.eos_ids, self.repetition_penalty = generation_settings(model_dir, raw)
         started = time.perf_counter()
         load = Loader(Checkpoint(model_dir), self.choice.dtype)
         self.weights = TextWeights(load, self.text_cfg)
@@ -169,43 +169,70 @@ class CompiledQwen2VL:
         return session, tok, logits, pmask, rows, deltas
 
     def generate(self, arrays: dict, max_new_tokens: int, eos_ids: set[int] | frozenset | list[int] = (),
-                 min_new_tokens: int = 0) -> list[list[int]]:
+                 min_new_tokens: int = 0, repetition_penalty: float | None = None) -> list[list[int]]:
         """Greedy tokens per row, each cut after its first token in ``eos_ids`` (kept, as transformers does),
-        at most ``max_new_tokens``; ``eos_ids`` cannot be chosen in the first ``min_new_tokens`` steps."""
+        at most ``max_new_tokens``; ``eos_ids`` cannot be chosen in the first ``min_new_tokens`` steps.
+
+        ``repetition_penalty`` (default: the checkpoint's generation config) is transformers' processor:
+        every token already in the row (prompt padding included) has its logit divided by it if positive,
+        multiplied if negative, before the arg-max; that choice is made on the host from the step's logits."""
         from mindspore import Tensor
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = set(eos_ids)
+        penalty = self.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         self.stats.generate_calls += 1
-        session, tok, _, pmask, rows, deltas = self.prefill(arrays, max_new_tokens,
-                                                            suppress_ids=eos if min_new_tokens > 0 else frozenset())
+        session, tok, logits, pmask, rows, deltas = self.prefill(
+            arrays, max_new_tokens, suppress_ids=eos if min_new_tokens > 0 else frozenset())
         slots, bucket = pmask.shape
         start = Tensor((bucket - pmask.sum(1)).astype(np.int32))
         delta = Tensor(deltas.astype(np.int32))
-        free, forced = Tensor(self._bias(eos, False)), Tensor(self._bias(eos, True))
+        free, forced = self._bias(eos, False), self._bias(eos, True)
+        seen = None
+        if penalty != 1.0:
+            seen = [set(row.tolist()) for row in np.asarray(arrays["input_ids"])]
         out = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
-        host = tok.asnumpy()
+        bias = forced if min_new_tokens > 0 else free
         for step in range(max_new_tokens):
+            if seen is None:
+                host = tok.asnumpy()
+            else:
+                host = _penalised_argmax(logits.asnumpy(), seen, penalty, bias, slots)
+                tok = Tensor(host)
             for r in np.flatnonzero(~done):
                 out[r].append(int(host[r]))
+                if seen is not None:
+                    seen[r].add(int(host[r]))
                 if int(host[r]) in eos:
                     done[r] = True
             if done.all() or step == max_new_tokens - 1:
                 break
             bias = forced if step + 1 < min_new_tokens else free
-            tok, _ = session.run_step(tok, Tensor(np.int32(bucket + step)), delta, start, bias)
+            tok, logits = session.run_step(tok, Tensor(np.int32(bucket + step)), delta, start, Tensor(bias))
             self.stats.decode_steps += 1
-            host = tok.asnumpy()
         return out
 
 
-def greedy_eos_ids(model_dir: str, raw_config: dict) -> frozenset[int]:
+def _penalised_argmax(logits: np.ndarray, seen: list[set[int]], penalty: float, bias: np.ndarray,
+                      slots: int) -> np.ndarray:
+    """[slots] int32: per real row the arg-max of its repetition-penalised logits (spare rows: 0)."""
+    out = np.zeros(slots, np.int32)
+    for r, tokens in enumerate(seen):
+        row = logits[r].astype(np.float32) + bias
+        idx = np.fromiter(tokens, np.int64)
+        s = row[idx]
+        row[idx] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
+        out[r] = int(row.argmax())
+    return out
+
+
+def generation_settings(model_dir: str, raw_config: dict) -> tuple[frozenset[int], float]:
     """The stop ids ``generate`` would use with the checkpoint's generation settings, which must amount to
-    greedy decoding (this engine's only decoding). ``do_sample`` with ``top_k=1`` is greedy; a repetition
-    penalty or n-gram blocking is not implemented, and such a checkpoint is refused rather than captioned
-    differently from the eager engine."""
+    greedy decoding, optionally with a repetition penalty (``do_sample`` with ``top_k=1``, as the released
+    Qwen2-VL-Instruct configs ask, is greedy too). Sampling, beams and n-gram blocking are not implemented:
+    such a checkpoint is refused rather than captioned differently from the eager engine."""
     path = os.path.join(model_dir, "generation_config.json")
     gen = {}
     if os.path.exists(path):
@@ -214,8 +241,6 @@ def greedy_eos_ids(model_dir: str, raw_config: dict) -> frozenset[int]:
     unsupported = []
     if gen.get("do_sample") and gen.get("top_k") != 1:
         unsupported.append(f"do_sample with top_k={gen.get('top_k')}")
-    if gen.get("repetition_penalty") not in (None, 1, 1.0):
-        unsupported.append(f"repetition_penalty={gen['repetition_penalty']}")
     if gen.get("no_repeat_ngram_size"):
         unsupported.append(f"no_repeat_ngram_size={gen['no_repeat_ngram_size']}")
     if int(gen.get("num_beams", 1)) != 1:
@@ -226,7 +251,8 @@ def greedy_eos_ids(model_dir: str, raw_config: dict) -> frozenset[int]:
     eos = gen.get("eos_token_id", raw_config.get("eos_token_id"))
     if eos is None:
         eos = (raw_config.get("text_config") or {}).get("eos_token_id")
-    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [int(eos)])
+    ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [int(eos)])
+    return ids, float(gen.get("repetition_penalty") or 1.0)
 
 
 class _Session:
