@@ -1,8 +1,10 @@
 """Sides of the compiled engine's parity check (tests/test_engine_qwen2vl.py), each run as its own process.
 
-    python -m testkit.engine_parity compiled MODEL_DIR WORKDIR CLIP...  # prepares inputs.npz, writes compiled.npz
-    python -m testkit.engine_parity mindnlp  MODEL_DIR WORKDIR          # eager mindnlp (the production eager path)
-    python -m testkit.engine_parity torch    MODEL_DIR WORKDIR          # transformers on real PyTorch
+    python -m testkit.engine_parity compiled MODEL MODEL_DIR WORKDIR CLIP...  # writes inputs.npz, compiled.npz
+    python -m testkit.engine_parity mindnlp  MODEL MODEL_DIR WORKDIR   # eager mindnlp (the production eager path)
+    python -m testkit.engine_parity torch    MODEL MODEL_DIR WORKDIR   # transformers on real PyTorch
+
+MODEL is ``qwen2vl`` or ``qwen2_5vl``.
 
 The compiled side runs the production captioner (``prepare``, ``model_inputs``, ``setup`` and ``generate`` with
 ``engine="compiled"``; no mindnlp in that process) on each clip alone (cases ``bs1_<i>``) and on all of them as
@@ -24,6 +26,11 @@ EDGE_NEW = 5
 PENALTY = 1.3  # the released Qwen2-VL-Instruct configs ask for 1.05; larger, so the tiny model's loops change
 OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
 KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
+REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def _keys(model: str) -> tuple[str, ...]:
+    return KEYS + (("second_per_grid_ts",) if model == "qwen2_5vl" else ())
 
 
 def _padded(rows: list[list[int]], width: int = STEPS) -> np.ndarray:
@@ -46,19 +53,20 @@ def _real_logits(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate([logits[b, mask[b] == 1] for b in range(len(mask))]).astype(np.float32)
 
 
-def _config(model_dir: str):
+def _config(model: str, model_dir: str):
     from captioning_core.config import RunConfig
 
-    return RunConfig(meta_path="parity.csv", model="qwen2vl", pretrained_model_name_or_path=model_dir,
+    return RunConfig(meta_path="parity.csv", model=model, pretrained_model_name_or_path=model_dir,
                      max_new_tokens=STEPS, device_target="CPU", dtype="float32", model_options=OPTIONS)
 
 
-def run_compiled(model_dir: str, workdir: Path, clips: list[str]) -> None:
+def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) -> None:
     from captioning_core.engine.buckets import Buckets
     from captioning_core.engine.qwen2vl import CompiledQwen2VL
-    from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
+    from captioning_core.models import captioner_class
 
-    cap = Qwen2VLCaptioner(_config(model_dir), engine="compiled")
+    keys = _keys(model)
+    cap = captioner_class(model)(_config(model, model_dir), engine="compiled")
     cap.setup_preprocessing()
     items = [cap.prepare(c) for c in clips]
     cap.setup()
@@ -68,18 +76,19 @@ def run_compiled(model_dir: str, workdir: Path, clips: list[str]) -> None:
     inputs, res = {}, {"stop_ids": np.asarray(sorted(stop))}
     for case, batch in cases.items():
         arrays = cap.model_inputs(batch)
-        inputs.update({f"{case}.{k}": arrays[k] for k in KEYS})
+        inputs.update({f"{case}.{k}": arrays[k] for k in keys})
         n = arrays["input_ids"].shape[1]
         res[f"{case}.forced"] = _padded(eng.generate(arrays, STEPS, eos_ids=stop, min_new_tokens=STEPS))
         res[f"{case}.free"] = _padded(cap.generate(batch))
         _, _, logits, pmask, rows, _ = eng.prefill(arrays, STEPS, all_logits=True)
         res[f"{case}.logits"] = _real_logits(logits.asnumpy()[:rows, -n:], arrays["attention_mask"])
         res[f"{case}.vision"] = eng.vision_numpy(arrays["pixel_values_videos"], arrays["video_grid_thw"])
-        pos, deltas = eng.rope_index(arrays["input_ids"], arrays["attention_mask"], arrays["video_grid_thw"])
+        pos, deltas = eng.rope_index(arrays["input_ids"], arrays["attention_mask"], arrays["video_grid_thw"],
+                                     arrays.get("second_per_grid_ts"))
         res[f"{case}.positions"], res[f"{case}.deltas"] = pos, deltas
     # edges, on bs1_0: the prompt exactly at a length bucket and one past one; EOS at the first step;
     # max_new_tokens reached
-    arrays = {k: inputs[f"bs1_0.{k}"] for k in KEYS}
+    arrays = {k: inputs[f"bs1_0.{k}"] for k in keys}
     n = arrays["input_ids"].shape[1]
     for name, lengths in (("at_bucket", (n,)), ("past_bucket", (n - 1, 2 * n))):
         other = CompiledQwen2VL.from_pretrained(model_dir, buckets=Buckets(lengths=lengths))
@@ -89,7 +98,7 @@ def run_compiled(model_dir: str, workdir: Path, clips: list[str]) -> None:
     first = int(res["bs1_0.forced"][0, 0])
     res["edge.eos_first"] = _padded(eng.generate(arrays, STEPS, eos_ids={first}))
     res["edge.max_new"] = _padded(eng.generate(arrays, EDGE_NEW, eos_ids=stop), EDGE_NEW)
-    batch = {k: inputs[f"batch.{k}"] for k in KEYS}  # rows stopping at different steps
+    batch = {k: inputs[f"batch.{k}"] for k in keys}  # rows stopping at different steps
     res["edge.eos_mid_token"] = np.int64(_staggered_stop(res["batch.forced"]))
     res["edge.eos_mid"] = _padded(eng.generate(batch, STEPS, eos_ids={int(res["edge.eos_mid_token"])}))
     res["edge.penalty"] = _padded(eng.generate(batch, STEPS, eos_ids=stop, min_new_tokens=STEPS,
@@ -116,7 +125,7 @@ def _cases(inputs: dict) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
+def run_eager(backend: str, model: str, model_dir: str, workdir: Path) -> None:
     if backend == "mindnlp":
         from captioning_core import runtime
 
@@ -128,7 +137,8 @@ def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
 
     from captioning_core.models.pllava_arch import to_numpy
 
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    name = model
+    model = getattr(transformers, REFERENCE[name]).from_pretrained(model_dir, dtype=torch.float32).eval()
     compiled = np.load(workdir / "compiled.npz", allow_pickle=True)
     stop = {int(x) for x in compiled["stop_ids"]}
     cases = _cases(dict(np.load(workdir / "inputs.npz")))
@@ -145,8 +155,12 @@ def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
             res[f"{case}.vision"] = to_numpy(model.model.visual(kw["pixel_values_videos"],
                                                                 grid_thw=kw["video_grid_thw"])).astype(np.float32)
             if backend == "torch":
-                pos, deltas = model.model.get_rope_index(kw["input_ids"], None, kw["video_grid_thw"],
-                                                         kw["attention_mask"])
+                if name == "qwen2_5vl":
+                    pos, deltas = model.model.get_rope_index(kw["input_ids"], None, kw["video_grid_thw"],
+                                                             kw["second_per_grid_ts"], kw["attention_mask"])
+                else:
+                    pos, deltas = model.model.get_rope_index(kw["input_ids"], None, kw["video_grid_thw"],
+                                                             kw["attention_mask"])
                 res[f"{case}.positions"], res[f"{case}.deltas"] = to_numpy(pos), to_numpy(deltas).reshape(-1)
         if backend == "torch":
             kw = {k: torch.tensor(v) for k, v in cases["bs1_0"].items()}
@@ -167,11 +181,13 @@ def run_eager(backend: str, model_dir: str, workdir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    backend, model_dir, workdir, *clips = argv
+    backend, model, model_dir, workdir, *clips = argv
+    if model not in REFERENCE:
+        raise SystemExit(f"model must be one of {sorted(REFERENCE)}, got {model!r}")
     if backend == "compiled":
-        run_compiled(model_dir, Path(workdir), clips)
+        run_compiled(model, model_dir, Path(workdir), clips)
     elif backend in ("mindnlp", "torch"):
-        run_eager(backend, model_dir, Path(workdir))
+        run_eager(backend, model, model_dir, Path(workdir))
     else:
         raise SystemExit(f"backend must be compiled, mindnlp or torch, got {backend!r}")
     return 0

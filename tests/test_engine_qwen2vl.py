@@ -1,4 +1,4 @@
-"""The compiled Qwen2-VL engine (captioning_core.engine) against eager mindnlp and against transformers on real
+"""The compiled Qwen2-VL / Qwen2.5-VL engine (captioning_core.engine) against eager mindnlp and against transformers on real
 PyTorch: same tiny weights, the same prepared inputs (the production ``prepare``/``model_inputs`` output of the
 standard clips), fp32, each side in its own process (testkit/engine_parity.py; mindnlp replaces ``torch`` in
 the process that imports it, and the compiled side imports neither).
@@ -21,24 +21,25 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "tiny_models" / "qwen2vl"
 BOUND = 1e-4  # fp32, max absolute difference
 CASES = [f"bs1_{i}" for i in range(8)] + ["batch"]
 
 
-def _side(backend: str, workdir: Path, clips: list[Path] = ()) -> None:
+def _side(backend: str, model: str, workdir: Path, clips: list[Path] = ()) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "testkit.engine_parity", backend, str(MODEL), str(workdir),
-                           *map(str, clips)], env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "testkit.engine_parity", backend, model,
+                           str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
+                          env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"{backend} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def sides(standard_clips, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
-    workdir = tmp_path_factory.mktemp("engine_parity")
-    _side("compiled", workdir, [path for path, _ in standard_clips])
-    _side("torch", workdir)
-    _side("mindnlp", workdir)
+@pytest.fixture(scope="module", params=["qwen2vl", "qwen2_5vl"])
+def sides(request, standard_clips, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+    model = request.param
+    workdir = tmp_path_factory.mktemp(f"engine_parity_{model}")
+    _side("compiled", model, workdir, [path for path, _ in standard_clips])
+    _side("torch", model, workdir)
+    _side("mindnlp", model, workdir)
     return {name: dict(np.load(workdir / f"{name}.npz", allow_pickle=True))
             for name in ("compiled", "torch", "mindnlp")}
 

@@ -1,4 +1,4 @@
-"""The compiled Qwen2-VL engine: load once, then ``generate`` a batch (vision, prefill, greedy decode).
+"""The compiled Qwen2-VL / Qwen2.5-VL engine (one text decoder, either vision tower): load once, then ``generate`` a batch (vision, prefill, greedy decode).
 
 What it takes and returns matches the eager captioner: ``generate(arrays, max_new_tokens)`` gets the numpy dict
 ``Qwen2VLCaptioner.model_inputs`` builds (left-padded ``input_ids``/``attention_mask``, concatenated
@@ -46,8 +46,8 @@ class CompiledQwen2VL:
 
     def __init__(self, model_dir: str, choice: device.DeviceChoice | None = None,
                  buckets: Buckets | None = None) -> None:
+        from captioning_core.engine import qwen2_5vl_vision, qwen2vl_vision
         from captioning_core.engine.qwen2vl_text import TextConfig, TextWeights
-        from captioning_core.engine.qwen2vl_vision import VisionConfig, VisionTower
 
         self.choice = choice or device.choose()
         device.activate(self.choice)
@@ -56,7 +56,12 @@ class CompiledQwen2VL:
             raw = json.load(fh)
         text_raw = raw.get("text_config") or raw  # a legacy config keeps the text keys at the top level
         self.text_cfg = TextConfig(text_raw, bool(raw.get("tie_word_embeddings", False)))
-        self.vision_cfg = VisionConfig(raw["vision_config"])
+        self.model_type = raw.get("model_type", "qwen2_vl")
+        if self.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"{model_dir}: model_type {self.model_type!r}; the engine runs qwen2_vl and qwen2_5_vl")
+        self.windowed = self.model_type == "qwen2_5_vl"
+        vision = qwen2_5vl_vision if self.windowed else qwen2vl_vision
+        self.vision_cfg = vision.VisionConfig(raw["vision_config"])
         self.tokens = rope.VisionTokens(int(raw.get("vision_start_token_id", 151652)),
                                         int(raw.get("image_token_id", 151655)),
                                         int(raw.get("video_token_id", 151656)), self.vision_cfg.merge)
@@ -64,7 +69,8 @@ class CompiledQwen2VL:
         started = time.perf_counter()
         load = Loader(Checkpoint(model_dir), self.choice.dtype)
         self.weights = TextWeights(load, self.text_cfg)
-        self.vision = VisionTower(load.ck, self.vision_cfg, load)
+        self.vision = (vision.VisionTower(self.vision_cfg, load) if self.windowed
+                       else vision.VisionTower(load.ck, self.vision_cfg, load))
         self.load_seconds = time.perf_counter() - started
         self._vision_fn = device.compile_cell(self.vision, self.choice)
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
@@ -92,14 +98,20 @@ class CompiledQwen2VL:
         its row in it."""
         from mindspore import Tensor
 
-        from captioning_core.engine.qwen2vl_vision import pack
+        from captioning_core.engine import qwen2_5vl_vision, qwen2vl_vision
 
         grid = np.asarray(grid_thw).reshape(-1, 3)
         groups = self.buckets.groups(int(grid[:, 0].sum()))
         size = self.buckets.patches(int((grid[:, 1] * grid[:, 2]).max()))
-        pix, ang, valid, rows = pack(np.asarray(pixel_values, np.float32), grid, self.vision_cfg.head_dim,
-                                     self.vision_cfg.merge, groups, size)
-        out = self._timed(("vision", groups, size), self._vision_fn, Tensor(pix), Tensor(ang), Tensor(valid))
+        pixels = np.asarray(pixel_values, np.float32)
+        if self.windowed:
+            pix, ang, valid, window, rows = qwen2_5vl_vision.pack(pixels, grid, self.vision_cfg, groups, size)
+            args = (Tensor(pix), Tensor(ang), Tensor(valid), Tensor(window))
+        else:
+            pix, ang, valid, rows = qwen2vl_vision.pack(pixels, grid, self.vision_cfg.head_dim,
+                                                        self.vision_cfg.merge, groups, size)
+            args = (Tensor(pix), Tensor(ang), Tensor(valid))
+        out = self._timed(("vision", groups, size), self._vision_fn, *args)
         return out, rows
 
     def vision_numpy(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
@@ -107,10 +119,17 @@ class CompiledQwen2VL:
         out, rows = self.vision_features(pixel_values, grid_thw)
         return out.asnumpy()[rows].astype(np.float32)
 
-    def rope_index(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                   video_grid_thw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def rope_index(self, input_ids: np.ndarray, attention_mask: np.ndarray, video_grid_thw: np.ndarray | None,
+                   second_per_grid_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """transformers' ``get_rope_index`` in numpy: position ids [3, B, L] and deltas [B]."""
-        return rope.mrope_positions(np.asarray(input_ids), np.asarray(attention_mask), self.tokens, video_grid_thw)
+        scale = None
+        if self.windowed and video_grid_thw is not None:
+            # transformers 4.57.1 casts each second_per_grid_t to int64 before the product (the module doc of
+            # captioning_core.models.qwen2_5_vl); no seconds given means 1.0
+            secs = np.ones(len(video_grid_thw)) if second_per_grid_ts is None else np.asarray(second_per_grid_ts)
+            scale = secs.astype(np.int64) * self.vision_cfg.tokens_per_second
+        return rope.mrope_positions(np.asarray(input_ids), np.asarray(attention_mask), self.tokens, video_grid_thw,
+                                    video_time_scale=scale)
 
     def _session(self, slots: int, length: int, max_len: int) -> _Session:
         key = (slots, length, max_len)
@@ -149,7 +168,7 @@ class CompiledQwen2VL:
 
         pids, pmask, slots, bucket, rows = self._prepare(arrays, max_new_tokens)
         grid = arrays.get("video_grid_thw")
-        positions, deltas = self.rope_index(pids, pmask, grid)
+        positions, deltas = self.rope_index(pids, pmask, grid, arrays.get("second_per_grid_ts"))
         angles = rope.section_positions(positions, self.text_cfg.mrope_section) * self.text_cfg.inv_freq()
         is_video = pids == self.tokens.video
         vision_rows = np.zeros(pids.shape, np.int32)

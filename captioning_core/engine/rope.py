@@ -20,13 +20,16 @@ class VisionTokens:
 
 def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: VisionTokens,
                     video_grid_thw: np.ndarray | None = None,
-                    image_grid_thw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    image_grid_thw: np.ndarray | None = None,
+                    video_time_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Qwen2-VL's (temporal, height, width) position ids ``[3, B, L]`` and the per-row rope delta ``[B]``.
 
     As transformers' ``get_rope_index``: over each row's unmasked tokens, text advances all three ids by one;
     a medium's tokens take (t, h, w) grid coordinates offset by the position after the text before it; the text
     after it restarts at the largest id so far plus one. Masked (padding) positions get 1. The delta is
     ``max id + 1 - L``: a decode step at cache slot ``s`` has position ``s + delta`` on all three axes.
+    ``video_time_scale`` (Qwen2.5-VL) multiplies each video's temporal ids (``int(second_per_grid_t) *
+    tokens_per_second``, truncated to integers as transformers 4.57.1 does); Qwen2-VL's is 1.
     """
     bsz, length = input_ids.shape
     positions = np.ones((3, bsz, length), np.int64)
@@ -34,6 +37,7 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: V
     grids = {"video": iter([] if video_grid_thw is None else np.asarray(video_grid_thw).tolist()),
              "image": iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())}
     m = tokens.merge_size
+    scales = iter([] if video_time_scale is None else np.asarray(video_time_scale).tolist())
     for row in range(bsz):
         keep = attention_mask[row] == 1
         ids = input_ids[row][keep]
@@ -45,11 +49,14 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: V
             if kind is None:
                 continue
             t, h, w = next(grids[kind])
+            scale = next(scales, 1) if kind == "video" else 1
             gh, gw = h // m, w // m
             ed = start + 1
             text = ed - st
             pieces.append(np.broadcast_to(np.arange(text) + nxt, (3, text)))
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            if scale != 1:
+                tt = (tt * scale).astype(np.int64)
             pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + text + nxt)
             nxt = int(pieces[-1].max()) + 1
             st = ed + t * gh * gw

@@ -159,8 +159,10 @@ class Qwen2VLCaptioner(Captioner):
     model_class: str = "Qwen2VLForConditionalGeneration"
     options_cls = Qwen2VLOptions
 
-    #: models the compiled engine (captioning_core.engine) implements; others run eager only
-    compiled_engine: str | None = "qwen2vl"
+    #: whether the compiled engine (captioning_core.engine) implements this model (Qwen2-VL, Qwen2.5-VL)
+    compiled_engine: bool = True
+    engine: str = "eager"
+    compiled = None  # the compiled engine, set by setup() when engine == "compiled"
 
     def __init__(self, cfg: RunConfig, engine: str | None = None) -> None:
         super().__init__(cfg)
@@ -169,9 +171,8 @@ class Qwen2VLCaptioner(Captioner):
         self.engine = engine or getattr(cfg, "engine", None) or "eager"
         if self.engine not in ("eager", "compiled"):
             raise ValueError(f"engine must be 'eager' or 'compiled', got {self.engine!r}")
-        if self.engine == "compiled" and type(self).compiled_engine != "qwen2vl":
+        if self.engine == "compiled" and not self.compiled_engine:
             raise ValueError(f"{self.name}: no compiled engine yet (use engine='eager')")
-        self.compiled = None  # the compiled engine, set by setup() when engine == "compiled"
         self.opts = self.options_cls(**cfg.model_options)
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
         if self.opts.max_video_tokens is None:
