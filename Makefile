@@ -9,6 +9,7 @@ setup:
 
 test: setup
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=plugins $(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 test-fast: setup
@@ -20,6 +21,7 @@ test-cluster: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=plugins $(VENV)/bin/lint-imports
 
 demo: setup
 	$(PY) -m demo $(DEMO_ARGS)

@@ -336,7 +336,7 @@ def bench_display_overhead(work: Path, reps: int = 5) -> None:
     """
     import dataclasses
 
-    from captioning_core import display, video
+    from captioning_core import orientation, video
     from testkit.clips import ClipSpec, ensure_clip
 
     groups = {f"60 s GOP {g}": [str(ensure_clip(ClipSpec("red", "left", "square", 640, 360, 30, 60.0, g), work))]
@@ -397,7 +397,7 @@ def bench_display_overhead(work: Path, reps: int = 5) -> None:
         frame = next(container.decode(stream))
         t = time.perf_counter()
         for _ in range(1000):
-            display.display_of(stream, frame)
+            orientation.display_of(stream, frame)
         lookup_us = (time.perf_counter() - t) * 1000
     synthetic = [g for g in groups if "textured" not in g]
     r, ours, base = ratio(cpu, synthetic)
@@ -433,7 +433,7 @@ def _journal_like_the_runner(prefix: str, rows: list, ranks: int, flush_rows: in
     its flush policy and chunking); returns the seconds it took."""
     from captioning_core import journal
     from captioning_core.faults import FaultPlan
-    from captioning_core.runner import JournalWriter
+    from captioning_core.journal import JournalWriter
 
     t = time.perf_counter()
     for rank in range(ranks):
@@ -448,7 +448,7 @@ def _journal_like_the_runner(prefix: str, rows: list, ranks: int, flush_rows: in
 def bench_resume(work: Path) -> None:
     """Item 4 on the SeaweedFS server: resume (journal load) and publish of a 10,000-row partition journaled
     the way the runner writes it at --bs 1, against the one-object-per-row journal it replaced."""
-    from captioning_core import fingerprint, journal, metadata, storage
+    from captioning_core import fingerprint, journal, partition_table, storage
     from captioning_core.config import RunConfig
     from captioning_core.journal import RowResult
     from captioning_core.publish import publish
@@ -481,7 +481,7 @@ def bench_resume(work: Path) -> None:
 
         for label, flush_rows in (("flush every 64 rows (fast rows)", 64), ("flush every 8 rows (slow rows: "
                                                                             "the 30 s bound hits first)", 8)):
-            prefix = cfg.parts_prefix if flush_rows == 64 else f"s3://{bucket}/slow/out.csv.parts/"
+            prefix = cfg.layout.parts if flush_rows == 64 else f"s3://{bucket}/slow/out.csv.parts/"
             written = _journal_like_the_runner(prefix, rows, ranks=2, flush_rows=flush_rows)
             objects = len([u for u in storage.list_prefix(prefix) if u.endswith(".jsonl")])
             load, got = _timed(journal.load, prefix, paths, fp["id"])
@@ -490,7 +490,7 @@ def bench_resume(work: Path) -> None:
                    f"{load:.2f}s ({objects} objects; writing it took {written:.1f}s); the one-object-per-row "
                    f"journal: {serial_2k:.2f}s for 2,000 rows read serially (x5 = ~{5 * serial_2k:.0f}s for 10k), "
                    f"{parallel_2k:.2f}s with parallel reads", "<= 2 s", load <= 2)
-        partition = metadata.read_partition(meta)
+        partition = partition_table.read_partition(meta)
         pub, published = _timed(publish, cfg, partition, fp)
         assert published
         report("4 publish of that 10k-row partition (journal load, summary, 100 gallery pages, output, compaction)",
@@ -509,13 +509,13 @@ MILLION = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 t0 = time.perf_counter()
-from captioning_core import metadata, sharding
+from captioning_core import partition_table, sharding
 from captioning_core.journal import RowResult
-part = metadata.read_partition({meta!r})
+part = partition_table.read_partition({meta!r})
 shards = [sharding.rows_for_rank(len(part), sharding.RankInfo(r, 8)) for r in range(8)]
 paths = part.paths
 results = {{i: RowResult(i, paths[i], "ok", "a red square moves left") for s in shards for i in s}}
-body = metadata.serialise(metadata.merge_results(part, results), {out!r})
+body = partition_table.serialise(partition_table.merge_results(part, results), {out!r})
 open({out!r}, "wb").write(body)
 print(json.dumps({{"seconds": time.perf_counter() - t0,
                   # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the driver's peak

@@ -1,26 +1,13 @@
-"""msrun entry script for PLLaVA: ``msrun ... captioning_core/caption_pllava.py meta.csv [options]``.
+"""msrun entry script for PLLaVA under the seed's name: ``caption.py pllava`` with the model fixed.
 
-msrun starts every worker with the ``python`` found on PATH, not necessarily the one msrun itself runs under;
-if that Python lacks this package or a dependency, say which Python it was and what is missing, instead of a
-bare ModuleNotFoundError on every rank.
+``msrun ... captioning_core/caption_pllava.py meta.csv [options]`` (or ``python -m captioning_core.caption_pllava``).
 """
 
 import os
+import runpy
 import sys
 
 if __name__ == "__main__":
-    # Run by path, Python puts this package's own folder first on sys.path; drop it so that module
-    # names here (config, video, ...) can never shadow other top-level modules.
-    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-        sys.path.pop(0)
-    try:
-        from captioning_core.cli import main_pllava
-
-        main_pllava()
-    except ModuleNotFoundError as err:  # only the environment can cause this: name it
-        raise SystemExit(
-            f"{os.path.basename(__file__)}: cannot import {err.name!r} under {sys.executable} "
-            f"(Python {sys.version.split()[0]}). msrun starts each worker with the 'python' found on PATH: "
-            "activate the environment where ascend-caption is installed (e.g. '. .venv/bin/activate') or "
-            "put its bin directory first on PATH, then run msrun again."
-        ) from None
+    sys.argv[1:1] = ["pllava"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    runpy.run_path(os.path.join(here, "caption.py"), init_globals={"ENTRY_SCRIPT": __file__}, run_name="__main__")

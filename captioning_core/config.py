@@ -1,11 +1,14 @@
-"""Run configuration: dataclasses with the seed scripts' defaults, validated in ``__post_init__``."""
+"""Run configuration: the shared options' specs (``options.option`` fields) with the seed scripts' defaults,
+validated in ``__post_init__``."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from captioning_core import storage
+from captioning_core.layout import PartitionLayout, default_output_name
+from captioning_core.options import CHECKPOINT, DTYPE, GENERATION, PROMPT, SPEED, internal, option
 
 DEVICE_TARGETS = ("Ascend", "CPU")
 GATHER_MODES = ("none", "allgather")
@@ -14,32 +17,62 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass
 class RunConfig:
-    """What every captioner shares: the partition, where results go, batching, resume and devices."""
+    """What every captioner shares: the partition, where results go, batching, resume and devices.
 
-    meta_path: str
-    model: str
-    pretrained_model_name_or_path: str
-    question: str = "Describe the video in details"
-    max_new_tokens: int = 200
-    bs: int | None = None  # most videos per generate call; None: no cap, ``batch_tokens`` decides (1: the seed)
-    batch_tokens: int = 16384  # most prefill tokens per generate call (videos + prompts, padding included)
-    skip_if_existing: bool = False
-    output: str | None = None
-    device_target: str = "Ascend"
-    dtype: str | None = None
-    gather: str = "none"
-    pad_length: int = 4096
-    max_row_attempts: int = 3
-    video_root: str | None = None
-    prefetch_workers: int = 2
-    prefetch_batches: int = 2
-    prefetch_bytes: int = 1 << 30  # prepared tensors held ahead of the model (one 4K 10-min clip ~0.6 GB)
-    journal_flush_rows: int = 64  # crash-loss bound: at most this many finished rows ...
-    journal_flush_seconds: float = 30.0  # ... or this many seconds of finished rows are lost to a crash
-    max_consecutive_errors: int = 8  # transient failures in a row that stop a rank early
-    log_every: float = 10.0
-    allowed_roots: list[str] = field(default_factory=list)
-    model_options: dict = field(default_factory=dict)
+    Each field is one option's spec (``options.option``): the caption scripts' arguments, the README's shared
+    table, the fingerprint's roles and the operator's owned options are derived from these fields.
+    """
+
+    meta_path: str = option(help="meta CSV with a 'path' column: local path or s3://bucket/key.csv",
+                            role=SPEED, positional=True, owned=True)
+    model: str = internal()  # the caption script's captioner, not an option
+    pretrained_model_name_or_path: str = option(help="local model directory in Hugging Face format",
+                                                role=CHECKPOINT, by_content=True, owned=True,
+                                                model_default="default_model_dir")
+    question: str = option("Describe the video in details", help="the caption prompt", role=PROMPT)
+    max_new_tokens: int = option(200, help="caption length cap in tokens", role=GENERATION)
+    bs: int | None = option(None, role=SPEED,  # None: no cap, ``batch_tokens`` decides (1: the seed)
+                            help="most videos per generate call (default: no cap, --batch_tokens decides; "
+                                 "1 is the seed's one video per call)")
+    batch_tokens: int = option(16384, role=SPEED,
+                               help="most prefill tokens per generate call, video plus prompt, padding included; "
+                                    "prefetched videos are grouped by token count so a batch holds similar "
+                                    "lengths (a video over it still runs, alone)")
+    skip_if_existing: bool = option(False, role=SPEED, owned=True,
+                                    help="exit at once, before loading any model, if the output already exists")
+    output: str | None = option(None, role=SPEED, owned=True,
+                                help="output CSV (local or s3://); default {stem}_caption_{model}{ext} beside "
+                                     "the input")
+    device_target: str = option("Ascend", role=SPEED, choices=DEVICE_TARGETS, env="CAPTION_DEVICE_TARGET",
+                                help="MindSpore device: Ascend, or CPU on machines without NPUs")
+    dtype: str | None = option(None, role=DTYPE, choices=DTYPES,
+                               help="weights dtype (default float16 on Ascend, float32 on CPU)")
+    gather: str = option("none", role=SPEED, choices=GATHER_MODES,
+                         help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")
+    pad_length: int = option(4096, help="token-id row width for --gather allgather", role=SPEED)
+    max_row_attempts: int = option(3, role=SPEED,
+                                   help="a row that hit a transient (environment) error is retried by later "
+                                        "attempts until it has failed this many times; only then is it published "
+                                        "as failed")
+    max_consecutive_errors: int = option(8, role=SPEED,
+                                         help="stop this rank early after this many transient failures in a row")
+    video_root: str | None = option(None, role=SPEED,
+                                    help="base for relative video paths (default: the meta file's directory)")
+    allowed_roots: list[str] = option(default_factory=list, role=SPEED, flag="--allowed_root",
+                                      help="only read videos under this local dir or s3:// prefix (repeatable)")
+    prefetch_workers: int = option(2, help="background decode threads", role=SPEED)
+    prefetch_batches: int = option(2, help="batches decoded ahead of the model", role=SPEED)
+    prefetch_bytes: int = option(1 << 30, role=SPEED,  # one 4K 10-min clip ~0.6 GB
+                                 help="most bytes of prepared tensors held ahead of the model (a 4K 10-minute "
+                                      "clip at the frame cap is ~0.6 GB of float32); one video over it is still "
+                                      "prepared, alone")
+    journal_flush_rows: int = option(64, role=SPEED,  # crash-loss bound: at most this many finished rows ...
+                                     help="journal finished rows at least every this many rows (what a crash "
+                                          "can lose)")
+    journal_flush_seconds: float = option(30.0, role=SPEED,  # ... or this many seconds of them
+                                          help="... and at least every this many seconds")
+    log_every: float = option(10.0, help="seconds between progress lines", role=SPEED)
+    model_options: dict = internal(default_factory=dict)  # the captioner's options, from its options_cls
 
     def __post_init__(self) -> None:
         if not self.meta_path:
@@ -70,13 +103,9 @@ class RunConfig:
             self.output = default_output(self.meta_path, self.model)
 
     @property
-    def parts_prefix(self) -> str:
-        """Where ranks persist finished rows: beside the output, never inside another partition's."""
-        return f"{self.output}.parts/"
-
-    @property
-    def summary_uri(self) -> str:
-        return f"{self.output}.summary.json"
+    def layout(self) -> PartitionLayout:
+        """The objects beside the output: summary, gallery, journal parts and stats, lease."""
+        return PartitionLayout(str(self.output))
 
 
 def default_output(meta_path: str, model: str) -> str:
@@ -84,4 +113,4 @@ def default_output(meta_path: str, model: str) -> str:
     stem, ext = os.path.splitext(meta_path)
     if storage.is_s3(meta_path) and "/" not in meta_path[len(storage.S3_SCHEME):]:
         raise ValueError(f"meta path has no key: {meta_path!r}")
-    return f"{stem}_caption_{model}{ext or '.csv'}"
+    return default_output_name(stem, model, ext)

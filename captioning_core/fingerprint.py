@@ -10,8 +10,10 @@ files, a SHA-256 of the safetensors header plus 16 evenly spaced 64 KiB samples.
 weight file whatever its size, so computing it on a 15 GB checkpoint costs milliseconds, and a fine-tuned
 checkpoint with the same tensor shapes still changes it.
 
-``for_script_args`` lets the operator compute, from the argv it passes to the caption script and without
-importing MindSpore, mindnlp, torch or transformers, exactly the dict the ranks record.
+Which part an option belongs to is its declared role (``Option.role``, options.py), not a list of names here:
+a new generation option lands in ``generation`` because its field says so. ``arguments.for_script_args`` lets
+the operator compute, from the argv it passes to the caption script and without importing MindSpore, mindnlp,
+torch or transformers, exactly the dict the ranks record.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from captioning_core import options
+from captioning_core.config import RunConfig
+from captioning_core.options import CHECKPOINT, DTYPE, GENERATION, PROMPT, SAMPLING
+
 SUMMARY_KEY = "fingerprint"
 ID_LENGTH = 12
 FULL_HASH_LIMIT = 4 * 1024 * 1024  # files up to this size are hashed whole
 SAMPLES = 16
 SAMPLE_BYTES = 64 * 1024
-# Model options that are not frame sampling: which part of the fingerprint they belong to.
-_GENERATION_OPTIONS = ("num_beams", "temperature", "seed")
-_PROMPT_OPTIONS = ("conv_mode",)
-_CHECKPOINT_OPTIONS = ("use_lora", "weight_dir", "lora_alpha")
 _IGNORED_FILES = (".", "README", "LICENSE")
 
 
@@ -69,22 +71,44 @@ def checkpoint_identity(model_dir: str | None) -> dict:
 def compute(cfg) -> dict:
     """The fingerprint of a RunConfig: ``{"id": short hex, "model", "checkpoint", "prompt", "generation",
     "sampling", "dtype"}``. ``id`` is a hash of everything else."""
-    options = dict(cfg.model_options)
-    checkpoint_opts = {k: options.pop(k) for k in _CHECKPOINT_OPTIONS if k in options}
+    shared = {role: {o.name: getattr(cfg, o.name) for o in options.specs(RunConfig) if o.role == role}
+              for role in (PROMPT, GENERATION, SAMPLING)}
+    specs = _model_specs(cfg.model)
+    own = _by_role(specs, cfg.model_options)
+    checkpoint_opts = own[CHECKPOINT]
+    by_content = [n for n, spec in specs.items() if spec.by_content and spec.role == CHECKPOINT]
     parts = {
         "model": cfg.model,
         "checkpoint": {**checkpoint_identity(cfg.pretrained_model_name_or_path), **(
-            {"options": checkpoint_opts, "weight_dir": checkpoint_identity(checkpoint_opts.get("weight_dir"))}
+            {"options": checkpoint_opts, **{n: checkpoint_identity(checkpoint_opts.get(n)) for n in by_content}}
             if checkpoint_opts else {})},
-        "prompt": {"question": cfg.question, **{k: options.pop(k) for k in _PROMPT_OPTIONS if k in options}},
-        "generation": {"max_new_tokens": cfg.max_new_tokens,
-                       **{k: options.pop(k) for k in _GENERATION_OPTIONS if k in options}},
-        "sampling": options,
+        "prompt": {**shared[PROMPT], **own[PROMPT]},
+        "generation": {**shared[GENERATION], **own[GENERATION]},
+        "sampling": {**shared[SAMPLING], **own[SAMPLING]},
         "dtype": cfg.dtype,
     }
     parts = _normalised(json.loads(json.dumps(parts, sort_keys=True, default=list)))  # tuples -> lists
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return {"id": hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH], **parts}
+
+
+def _model_specs(model: str) -> dict[str, options.Option]:
+    """The captioner's option specs by name (none for a model outside the registry, e.g. a test's)."""
+    from captioning_core.models import CAPTIONERS, captioner_class
+
+    options_cls = captioner_class(model).options_cls if model in CAPTIONERS else None
+    return {o.name: o for o in options.specs(options_cls)} if options_cls else {}
+
+
+def _by_role(specs: dict[str, options.Option], model_options: dict) -> dict[str, dict]:
+    """The model's options split by their declared role; a value without a spec counts as sampling."""
+    parts: dict[str, dict] = {role: {} for role in options.ROLES}
+    for name, value in model_options.items():
+        role = specs[name].role if name in specs else SAMPLING
+        if role == DTYPE:
+            raise TypeError(f"model option {name!r}: the dtype part is RunConfig.dtype's alone")
+        parts[role][name] = value
+    return parts
 
 
 def _normalised(value):
@@ -96,15 +120,6 @@ def _normalised(value):
     if isinstance(value, list):
         return [_normalised(v) for v in value]
     return value
-
-
-def for_script_args(model: str, script_args: list[str]) -> dict:
-    """The fingerprint the ranks will record for ``caption_{model} *script_args`` (the caption script's argv
-    after the program name). Imports argparse-level code only: no MindSpore, mindnlp, torch or transformers."""
-    from captioning_core import cli
-
-    args = cli.build_parser(model).parse_args(list(script_args))
-    return compute(cli.config_from_args(model, args))
 
 
 def describe(fp: dict) -> str:

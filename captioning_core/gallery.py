@@ -1,8 +1,9 @@
-"""A static caption gallery per partition, stored beside the output under ``{output}.gallery/``.
+"""A static caption gallery per partition, stored beside the output in its gallery folder
+(``captioning_core.layout``).
 
-``index.html`` shows summary counts and the first page; ``page-NNNN.html`` hold ``PAGE_SIZE`` rows each, so a
+The index shows summary counts and the first page; further pages hold ``PAGE_SIZE`` rows each, so a
 10,000-row partition opens as fast as a 100-row one. Thumbnails (a strip of sampled frames per video) are
-separate JPEG objects under ``thumbs/``, written by the ranks as they go and loaded lazily by the browser.
+separate JPEG objects (``layout.thumb_name``), written by the ranks as they go and loaded lazily by the browser.
 Every link is relative, so the folder works wherever it is served from.
 """
 
@@ -17,18 +18,11 @@ import numpy as np
 
 from captioning_core import storage
 from captioning_core.fingerprint import describe
+from captioning_core.layout import PartitionLayout, page_name, thumb_name
 
 PAGE_SIZE = 100
 THUMB_HEIGHT = 72
 THUMB_FRAMES = 4
-
-
-def gallery_prefix(output: str) -> str:
-    return f"{output}.gallery/"
-
-
-def thumb_name(row: int) -> str:
-    return f"thumbs/{row:08d}.jpg"
 
 
 def thumbnail_strip(frames: np.ndarray, height: int = THUMB_HEIGHT, count: int = THUMB_FRAMES) -> bytes:
@@ -86,12 +80,8 @@ vertical-align:top}td.thumb img{height:72px;display:block}.ok{color:#17633a}.fai
 nav a{margin-right:.6em}.fp{font-size:.85em;color:#57606a;margin-top:.3em}"""
 
 
-def _page_name(page: int) -> str:
-    return "index.html" if page == 0 else f"page-{page + 1:04d}.html"
-
-
 def _nav(page: int, pages: int) -> str:
-    links = [f'<a href="{_page_name(p)}"{" aria-current=page" if p == page else ""}>{p + 1}</a>'
+    links = [f'<a href="{page_name(p)}"{" aria-current=page" if p == page else ""}>{p + 1}</a>'
              for p in range(pages)]
     return f"<nav>pages: {' '.join(links)}</nav>" if pages > 1 else ""
 
@@ -114,7 +104,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
              ("failed", summary.get("failed", 0)), ("skipped (done before)", summary.get("skipped", 0)),
              ("flagged", flagged), ("rows/s", summary.get("rows_per_second", "-")),
              ("model busy", summary.get("model_busy", "-")),
-             ("output tokens/row", summary.get("output_tokens_per_row") or "-"),
+             ("output tokens/row", summary.get("partition_output_tokens_per_row") or "-"),
              ("output tokens/s per rank", " / ".join(str(v) for v in summary.get("output_tokens_per_second_per_rank")
                                                      or []) or "-")]
     head = "".join(f"<div><b>{html.escape(str(v))}</b>{html.escape(k)}</div>" for k, v in cards)
@@ -125,7 +115,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
     for page in range(pages):
         chunk = rows[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
         body = "".join(_row_html(r, max_new_tokens) for r in chunk)
-        out[_page_name(page)] = (
+        out[page_name(page)] = (
             f"<!doctype html><html><head><meta charset=utf-8><title>Captions: "
             f"{html.escape(summary.get('output', ''))}</title><style>{_STYLE}</style></head><body>"
             f"<h1>Caption gallery</h1><div class=path>{html.escape(summary.get('output', ''))} "
@@ -137,7 +127,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
 
 def write_gallery(output: str, rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> str:
     """Write every page; returns the index URI."""
-    prefix = gallery_prefix(output)
-    storage.write_many({storage.join(prefix, name): page.encode("utf-8")
+    layout = PartitionLayout(output)
+    storage.write_many({layout.gallery + name: page.encode("utf-8")
                         for name, page in render_pages(rows, summary, max_new_tokens).items()})
-    return storage.join(prefix, "index.html")
+    return layout.gallery_index

@@ -1,4 +1,5 @@
-"""The row journal: per-rank part objects of finished rows under ``{output}.parts/``.
+"""The row journal: per-rank part objects of finished rows in the partition's parts folder
+(``captioning_core.layout``).
 
 Each flush writes one new JSON-lines object named by process token, rank and sequence number, so ranks
 never write the same object and a crash loses at most the rows not yet flushed (the runner flushes every
@@ -16,12 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from captioning_core import storage
-from captioning_core.metadata import STATUS_FAILED, STATUS_OK
+from captioning_core.errors import short_error
+from captioning_core.faults import FaultPlan
+from captioning_core.layout import thumb_name
+from captioning_core.partition_table import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +207,76 @@ def counts(results: dict[int, RowResult]) -> dict[str, int]:
     failed = sum(1 for r in results.values() if r.status in (STATUS_FAILED, STATUS_TRANSIENT))
     empty = sum(1 for r in results.values() if r.status == STATUS_OK and not r.text.strip())
     return {"rows": len(results), "captioned": ok, "failed": failed, "empty": empty}
+
+
+class JournalWriter:
+    """Writes journal parts on a background thread; errors surface on the next call or on close.
+
+    Rows are buffered and flushed every ``flush_rows`` rows or ``flush_seconds`` after the oldest unflushed
+    row, whichever comes first: that is the crash-loss bound. Thumbnails are written at once (before any
+    row that points at them is flushed).
+    """
+
+    def __init__(self, writer: PartWriter, faults: FaultPlan, thumbs_prefix: str,
+                 flush_rows: int = 1, flush_seconds: float = 0.0) -> None:
+        self._writer = writer
+        self._thumbs_prefix = thumbs_prefix
+        self._faults = faults
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
+        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self._buffer: list[RowResult] = []
+        self._oldest = 0.0
+        self.rows_written = 0
+        self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
+        self._thread.start()
+
+    def _timeout(self) -> float | None:
+        if not self._buffer or self._flush_seconds <= 0:
+            return None
+        return max(0.0, self._oldest + self._flush_seconds - time.monotonic())
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._timeout())
+            except queue.Empty:
+                item = ()
+            try:
+                if self._error is None:
+                    if item:
+                        batch, thumbs = item
+                        for row, data in thumbs.items():  # before the rows that point at them
+                            storage.write_bytes(storage.join(self._thumbs_prefix, thumb_name(row)), data)
+                        if not self._buffer:
+                            self._oldest = time.monotonic()
+                        self._buffer.extend(batch)
+                    due = self._timeout()
+                    if item is None or len(self._buffer) >= self._flush_rows or (due is not None and due <= 0):
+                        self._flush()
+            except BaseException as err:  # surfaced to the main thread
+                self._error = err
+            if item is None:
+                return
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        self._writer.write(self._buffer)
+        self.rows_written += len(self._buffer)
+        self._buffer = []
+        self._faults.after_journal(self.rows_written)
+
+    def put(self, results: list[RowResult], thumbs: dict[int, bytes] | None = None) -> None:
+        self._raise()
+        self._queue.put((list(results), dict(thumbs or {})))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing the journal failed: {short_error(self._error)}") from self._error

@@ -9,7 +9,13 @@ and the ttl), and ``publish`` calls :meth:`LeaseFence.check` before the summary 
 The check passes only when the lease object still carries our token and has at least a quarter of its ttl
 left, which a holder that renews every quarter ttl always has. Contenders that follow the protocol take a
 lease over only after it expires, so the write that follows the check happens while nobody else may hold the
-partition. A lease near expiry (renewals failing) is re-read until it is renewed or ``wait`` runs out.
+partition; that write may retry only within the time the check found left (``storage.retry_budget``). A lease
+near expiry (renewals failing) is re-read until it is renewed or ``wait`` runs out.
+
+Time left is judged by S3's clock, never a host's: the lease object's age is the response's ``Date`` minus its
+``Last-Modified`` (both stamped by the S3 server), and it expires ``ttl`` seconds after it was last written
+(:func:`lease_age`). A host whose clock runs a minute ahead can neither take a live lease nor publish on a dead
+one. (Bodies without ``ttl``, written by older versions, are judged by their ``expires_at`` as before.)
 Ranks started without ``CAPTION_LEASE`` (the CLI on its own, nodes other than node 0) are not fenced.
 """
 
@@ -20,6 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from captioning_core import storage
 
@@ -30,6 +37,46 @@ LEASE_ENV = "CAPTION_LEASE"
 
 class LeaseLostError(RuntimeError):
     """This attempt no longer holds the partition lease: it must not publish."""
+
+
+def lease_age(response: dict) -> float | None:
+    """Seconds since the object in a GetObject ``response`` was last written, by the S3 server's clock
+    (``Date`` minus ``Last-Modified``, both whole seconds); None when the server sent no ``Date``."""
+    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}).get("date")
+    modified = response.get("LastModified")
+    if not date or modified is None:
+        return None
+    return max(0.0, (parsedate_to_datetime(date) - modified).total_seconds())
+
+
+_S3_CLOCK_STEP = 1.0  # Date and Last-Modified are whole seconds: a measured age is off by up to this much
+
+
+def seconds_left(body: dict, age: float | None) -> float:
+    """At least how long the lease whose object is ``body`` (read ``age`` seconds after it was written) still
+    runs: by S3's clock when the body states its ``ttl``, else (older bodies) by ``expires_at`` and this host's."""
+    if "ttl" in body and age is not None:
+        return float(body["ttl"]) - age - _S3_CLOCK_STEP
+    return float(body.get("expires_at", 0)) - time.time()
+
+
+def has_expired(body: dict, age: float | None) -> bool:
+    """The lease has certainly run out (what a contender needs before it takes the lease over)."""
+    if "ttl" in body and age is not None:
+        return age - _S3_CLOCK_STEP > float(body["ttl"])
+    return float(body.get("expires_at", 0)) < time.time()
+
+
+def read_lease(uri: str) -> tuple[dict, float | None, str]:
+    """The lease object at ``uri``: its body, its age by S3's clock and its ETag (raises what S3 raises)."""
+    bucket, key = storage.split(uri)
+    response = storage.s3_client().get_object(Bucket=bucket, Key=key)
+    raw = response["Body"].read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"token": "?"}
+    return (body if isinstance(body, dict) else {"token": "?"}), lease_age(response), response["ETag"]
 
 
 @dataclass(frozen=True)
@@ -54,22 +101,24 @@ class LeaseFence:
     def env(self) -> dict[str, str]:
         return {LEASE_ENV: json.dumps({"uri": self.uri, "token": self.token, "ttl": self.ttl})}
 
-    def check(self) -> None:
-        """Return while the lease is ours with a quarter of its ttl left; raise :class:`LeaseLostError` if not."""
+    def check(self) -> float:
+        """Return the seconds the lease still runs while it is ours with a quarter of its ttl left; raise
+        :class:`LeaseLostError` if not. The caller's write must finish within what is returned."""
         deadline = time.monotonic() + self.wait
         margin = self.ttl / 4
         while True:
+            started = time.monotonic()
             try:
-                body = json.loads(storage.read_bytes(self.uri))
+                body, age, _ = read_lease(self.uri)
             except Exception as err:  # gone, unreadable, S3 down: not provably ours
                 problem = f"cannot read it ({type(err).__name__}: {err})"
             else:
-                if not isinstance(body, dict) or body.get("token") != self.token:
-                    holder = body.get("token") if isinstance(body, dict) else "?"
-                    raise LeaseLostError(f"the partition lease {self.uri} is now held by {holder}; not publishing")
-                left = float(body.get("expires_at", 0)) - time.time()
+                if body.get("token") != self.token:
+                    raise LeaseLostError(f"the partition lease {self.uri} is now held by {body.get('token')}; "
+                                         "not publishing")
+                left = seconds_left(body, age) - (time.monotonic() - started)
                 if left >= margin:
-                    return
+                    return left
                 problem = f"it expires in {left:.1f}s (needs {margin:.1f}s)"
             if time.monotonic() >= deadline:
                 raise LeaseLostError(f"the partition lease {self.uri} is not provably ours: {problem}; not publishing")

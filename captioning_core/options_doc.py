@@ -1,4 +1,5 @@
-"""The README's option tables, generated from the parsers: one source for every default and its meaning.
+"""The README's option tables, generated from the option specs (options.py): one source for every default and
+its meaning.
 
     python -m captioning_core.options_doc            # rewrite the tables in README.md
     python -m captioning_core.options_doc --check    # exit 1 if README.md differs (tests/test_cli.py runs this)
@@ -11,50 +12,50 @@ by its models joined with ``+`` (e.g. ``qwen2vl+qwen2_5vl``), with one default c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from captioning_core.config import RunConfig
+from captioning_core.options import Option
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"(<!-- options:([\w+]+) -->\n)(.*?)(<!-- /options -->)", re.S)
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)
-                   if f.default is not dataclasses.MISSING}
 
 
-def _actions(model: str) -> dict[str, argparse.Action]:
-    from captioning_core.cli import build_parser
+def _options(model: str) -> dict[str, tuple[Option, Any]]:
+    """The script's options with their declared defaults (no environment: ``environ={}``)."""
+    from captioning_core.arguments import command_line
 
-    return {a.dest: a for a in build_parser(model)._actions if a.dest != "help"}
+    return {opt.name: (opt, default) for opt, default in command_line(model, environ={})}
 
 
-def _default(action: argparse.Action) -> str:
-    value = _FIELD_DEFAULTS.get(action.dest, action.default)  # not $CAPTION_DEVICE_TARGET of this shell
-    if isinstance(action, argparse._StoreTrueAction):
+def _default(entry: tuple[Option, Any]) -> str:
+    opt, value = entry
+    if opt.type is bool:
         return "on" if value else "off"
-    if value is None or value == [] or action.default is argparse.SUPPRESS:
+    if value is None or value == [] or opt.positional:
         return ""
     if isinstance(value, tuple):
         return "-".join(str(v) for v in value)
     return f"`{value}`" if isinstance(value, str) else str(value)
 
 
-def _name(action: argparse.Action) -> str:
-    return f"`{action.option_strings[0] if action.option_strings else action.dest}`"
+def _name(entry: tuple[Option, Any]) -> str:
+    return f"`{entry[0].display_name}`"
 
 
-def _meaning(action: argparse.Action) -> str:
-    return (action.help or "").replace("|", "\\|")
+def _meaning(entry: tuple[Option, Any]) -> str:
+    return entry[0].help_text.replace("|", "\\|")
 
 
 def tables() -> dict[str, str]:
     """Table name -> markdown table."""
     from captioning_core.models import CAPTIONERS
 
-    per_model = {m: _actions(m) for m in CAPTIONERS}
-    shared = set.intersection(*(set(a) for a in per_model.values())) - {"pretrained_model_name_or_path"}
+    per_model = {m: _options(m) for m in CAPTIONERS}
+    per_model_default = {o.name for o, _ in per_model[next(iter(CAPTIONERS))].values() if o.model_default}
+    shared = set.intersection(*(set(a) for a in per_model.values())) - per_model_default
     first = per_model[next(iter(CAPTIONERS))]
     rows = ["| argument | default | meaning |", "|---|---|---|"]
     rows += [f"| {_name(a)} | {_default(a)} | {_meaning(a)} |" for dest, a in first.items() if dest in shared]

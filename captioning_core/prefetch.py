@@ -137,34 +137,3 @@ class BytePrefetcher:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-#: most share of a batch's prefill tokens that may be padding (shorter prompts left-padded to the longest)
-MAX_PADDING = 0.10
-
-
-def take_batch(lengths: list[int | None], budget: int, cap: int | None,
-               max_padding: float = MAX_PADDING) -> list[int]:
-    """Which of the pooled videos (their prefill token counts) to generate together: indices into ``lengths``.
-
-    Longest first, then the next longest while the batch's padded prefill (videos x the longest) stays within
-    ``budget``, the count within ``cap`` and the padding within ``max_padding`` of the batch's tokens; so a
-    batch holds similar lengths and a long video never pads a batch of short ones. The longest video always
-    goes, alone if it is over the budget. With ``cap`` 1, or unknown lengths (None), videos go in pool (row)
-    order, at most ``cap`` (one if no cap) at a time.
-    """
-    if not lengths:
-        return []
-    if cap == 1 or any(n is None for n in lengths):  # --bs 1 (the seed's loop) keeps row order
-        return list(range(min(len(lengths), cap or 1)))
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    longest = lengths[order[0]]
-    chosen, real = [order[0]], longest
-    for i in order[1:]:
-        k = len(chosen) + 1
-        padded = k * longest
-        if (cap and k > cap) or padded > budget or padded - real - lengths[i] > max_padding * padded:
-            break
-        chosen.append(i)
-        real += lengths[i]
-    return chosen

@@ -15,102 +15,32 @@ import contextlib
 import json
 import logging
 import os
-import queue
-import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from captioning_core import fingerprint, gallery, journal, metadata, runtime, storage
+from captioning_core import fingerprint, gallery, journal, partition_table, signals, storage
+from captioning_core.batching import BatchPlanner, padded_tokens
 from captioning_core.config import RunConfig
+from captioning_core.errors import TRANSIENT, classify, is_oom, short_error
 from captioning_core.faults import FaultPlan
-from captioning_core.journal import STATUS_TRANSIENT, RowResult
+from captioning_core.journal import STATUS_TRANSIENT, JournalWriter, RowResult
 from captioning_core.lease_fence import LeaseFence
-from captioning_core.metadata import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.models.base import Captioner
+from captioning_core.partition_table import STATUS_FAILED, STATUS_OK, Partition
 from captioning_core.paths import resolve_video
-from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes, take_batch
+from captioning_core.prefetch import NOT_READY, BytePrefetcher, nbytes
 from captioning_core.progress import Progress
 from captioning_core.publish import publish
 from captioning_core.sharding import RankInfo, rows_for_rank
+from captioning_core.stats import RankStats
 
 log = logging.getLogger(__name__)
 
 #: videos prepared ahead per batch when ``--bs`` sets no cap (prefetch_bytes and the token budget bound it)
 MAX_BATCH_VIDEOS = 256
-_OOM = re.compile(r"out of memory|allocate memory|memory allocation|\bOOM\b", re.IGNORECASE)
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or bool(_OOM.search(str(err)))
-
-
-def short_error(err: BaseException, limit: int = 500) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-@dataclass
-class RankStats:
-    rank: int
-    world_size: int
-    rows_owned: int = 0
-    rows_skipped: int = 0
-    rows_processed: int = 0
-    captioned: int = 0
-    failed: int = 0
-    transient: int = 0  # rows left for the next attempt after an environment error
-    generate_calls: int = 0
-    output_tokens: int = 0  # new tokens of the captions this attempt generated
-    prefill_tokens: int = 0  # prompt tokens fed to generate, padding included (batches of known token counts)
-    padding_tokens: int = 0  # of which padding: shorter prompts left-padded to the batch's longest
-    load_seconds: float = 0.0
-    busy_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    input_wait_seconds: float = 0.0  # the model loop waiting for decoded videos: >0 means decode-bound
-    prefetch_peak_bytes: int = 0  # most bytes of prepared tensors held at once (bounded by prefetch_bytes)
-    model_loaded: bool = False
-    stopped_early: str = ""  # why the rank stopped before its last row ("" if it did not)
-    last_transient_error: str = ""
-    fingerprint: str = ""
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def busy_fraction(self) -> float:
-        return self.busy_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def output_tokens_per_second(self) -> float:
-        return self.output_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def needs_retry(self) -> bool:
-        """This attempt left work for the next one: the process should exit non-zero."""
-        return bool(self.transient or self.stopped_early)
-
-    def account(self) -> str:
-        """One line for the exit: which rows are left and why."""
-        return (f"rank {self.rank}/{self.world_size}: {self.transient} of {self.rows_owned - self.rows_skipped} rows "
-                f"left for the next attempt after transient errors"
-                f"{'; stopped early: ' + self.stopped_early if self.stopped_early else ''}; last error: "
-                f"{self.last_transient_error}; partition not published")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(busy_fraction=round(self.busy_fraction, 4), rows_per_second=round(self.rows_per_second, 4),
-                   output_tokens_per_second=round(self.output_tokens_per_second, 3),
-                   padding_share=round(self.padding_tokens / self.prefill_tokens, 4) if self.prefill_tokens else None,
-                   decode_seconds_per_row=round(self.decode_seconds / self.rows_processed, 4)
-                   if self.rows_processed else 0.0)
-        return out
 
 
 @dataclass
@@ -126,79 +56,6 @@ class Prepared:
     tokens: int | None = None  # prefill tokens (captioner.prefill_tokens), None if unknown
 
 
-class JournalWriter:
-    """Writes journal parts on a background thread; errors surface on the next call or on close.
-
-    Rows are buffered and flushed every ``flush_rows`` rows or ``flush_seconds`` after the oldest unflushed
-    row, whichever comes first: that is the crash-loss bound. Thumbnails are written at once (before any
-    row that points at them is flushed).
-    """
-
-    def __init__(self, writer: journal.PartWriter, faults: FaultPlan, thumbs_prefix: str,
-                 flush_rows: int = 1, flush_seconds: float = 0.0) -> None:
-        self._writer = writer
-        self._thumbs_prefix = thumbs_prefix
-        self._faults = faults
-        self._flush_rows = flush_rows
-        self._flush_seconds = flush_seconds
-        self._queue: queue.Queue = queue.Queue(maxsize=64)
-        self._error: BaseException | None = None
-        self._buffer: list[RowResult] = []
-        self._oldest = 0.0
-        self.rows_written = 0
-        self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
-        self._thread.start()
-
-    def _timeout(self) -> float | None:
-        if not self._buffer or self._flush_seconds <= 0:
-            return None
-        return max(0.0, self._oldest + self._flush_seconds - time.monotonic())
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self._timeout())
-            except queue.Empty:
-                item = ()
-            try:
-                if self._error is None:
-                    if item:
-                        batch, thumbs = item
-                        for row, data in thumbs.items():  # before the rows that point at them
-                            storage.write_bytes(storage.join(self._thumbs_prefix, gallery.thumb_name(row)), data)
-                        if not self._buffer:
-                            self._oldest = time.monotonic()
-                        self._buffer.extend(batch)
-                    due = self._timeout()
-                    if item is None or len(self._buffer) >= self._flush_rows or (due is not None and due <= 0):
-                        self._flush()
-            except BaseException as err:  # surfaced to the main thread
-                self._error = err
-            if item is None:
-                return
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        self._writer.write(self._buffer)
-        self.rows_written += len(self._buffer)
-        self._buffer = []
-        self._faults.after_journal(self.rows_written)
-
-    def put(self, results: list[RowResult], thumbs: dict[int, bytes] | None = None) -> None:
-        self._raise()
-        self._queue.put((list(results), dict(thumbs or {})))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing the journal failed: {short_error(self._error)}") from self._error
-
-
 @dataclass
 class RankRunner:
     cfg: RunConfig
@@ -212,8 +69,8 @@ class RankRunner:
         self.fingerprint = fingerprint.compute(cfg)
         fp_id = self.fingerprint["id"]
         stats = RankStats(info.rank, info.world_size, fingerprint=fp_id)
-        partition = metadata.read_partition(cfg.meta_path)
-        previous = journal.load(cfg.parts_prefix, partition.paths, fp_id)
+        partition = partition_table.read_partition(cfg.meta_path)
+        previous = journal.load(cfg.layout.parts, partition.paths, fp_id)
         owned = rows_for_rank(len(partition), info)
         pending = [r for r in owned if not journal.is_final(previous.get(r), cfg.max_row_attempts)]
         stats.rows_owned, stats.rows_skipped = len(owned), len(owned) - len(pending)
@@ -247,14 +104,14 @@ class RankRunner:
             storage.check_readable(uri)
             return True
         except Exception as err:
-            if not (storage.is_transient(err) or storage.is_access_denied(err) or isinstance(err, PermissionError)):
+            if classify(err, "preflight") != TRANSIENT:
                 return True  # not there, a directory, ...: the video's own problem, recorded by the loop
             error = short_error(err)
         stats.transient, stats.last_transient_error = 1, error
         stats.stopped_early = f"cannot read the first pending video ({error}); model not loaded"
         log.error("rank %d: row %d: %s", self.info.rank, row, stats.stopped_early)
         try:
-            journal.PartWriter(self.cfg.parts_prefix, self.info.rank).write(
+            journal.PartWriter(self.cfg.layout.parts, self.info.rank).write(
                 [self._result(Prepared(row, path), STATUS_TRANSIENT, "", error, previous)])
         except Exception as write_err:  # the journal may sit behind the same broken credentials
             log.warning("rank %d: could not journal the attempt: %s", self.info.rank, short_error(write_err))
@@ -268,20 +125,19 @@ class RankRunner:
         it cannot make one full batch (``batch_tokens`` or ``bs`` reached) and rows remain."""
         cfg = self.cfg
         flush_rows = 1 if self.faults.flushes_every_batch else cfg.journal_flush_rows
-        writer = JournalWriter(journal.PartWriter(cfg.parts_prefix, self.info.rank), self.faults,
-                               gallery.gallery_prefix(cfg.output), flush_rows, cfg.journal_flush_seconds)
+        writer = JournalWriter(journal.PartWriter(cfg.layout.parts, self.info.rank), self.faults,
+                               cfg.layout.gallery, flush_rows, cfg.journal_flush_seconds)
         progress = Progress(self.info, count, cfg.log_every)
         gathered: list[tuple[int, int, list[int]]] = []
         self._consecutive = 0
-        self._budget = cfg.batch_tokens  # lowered after an out-of-memory batch
-        self._cap = cfg.bs
+        self._planner = BatchPlanner(cfg.batch_tokens, cfg.bs)  # lowered after an out-of-memory batch
         ahead = cfg.prefetch_batches + 1
         pool: list[Prepared] = []
         exhausted = False
         t0 = time.perf_counter()
         try:
             while not stats.stopped_early:
-                runtime.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
+                signals.raise_if_stopped()  # SIGTERM: no new batch; `finally` flushes the journal
                 while not exhausted and not self._pool_full(pool, ahead):
                     waited = time.perf_counter()
                     got = fetcher.get(block=not self._pool_full(pool, 1))
@@ -307,7 +163,7 @@ class RankRunner:
                     if exhausted or stats.stopped_early:
                         break
                     continue
-                picked = set(take_batch([p.tokens for p in pool], self._budget, self._cap))
+                picked = set(self._planner.pick([p.tokens for p in pool]))
                 batch = [p for i, p in enumerate(pool) if i in picked]
                 pool = [p for i, p in enumerate(pool) if i not in picked]
                 results = self._caption_batch(batch, previous, stats, gathered)
@@ -329,13 +185,7 @@ class RankRunner:
         return None if tokens is None else int(tokens)
 
     def _pool_full(self, pool: list[Prepared], batches: int) -> bool:
-        """The pool holds ``batches`` batches' worth of videos (by tokens, or by ``--bs``)."""
-        if not pool:
-            return False
-        if any(p.tokens is None for p in pool):
-            return len(pool) >= (self._cap or 1) * batches
-        return (sum(p.tokens for p in pool) >= self._budget * batches
-                or (self._cap is not None and len(pool) >= self._cap * batches))
+        return self._planner.pool_full([p.tokens for p in pool], batches)
 
     def _account(self, results: list[RowResult], stats: RankStats, progress: Progress, t0: float) -> None:
         stats.rows_processed += len(results)
@@ -390,9 +240,7 @@ class RankRunner:
             stage = "path"
             uri = resolve_video(path, self.cfg)
             stage = "fetch"
-            local, owned = storage.fetch_to_local(uri, cache_dir)
-            if not owned and not os.path.isfile(local):
-                raise FileNotFoundError(local)
+            local, owned = storage.fetch_to_local(uri, cache_dir)  # a local file is opened and read here
             stage = "decode"
             prep.item = self.captioner.prepare(local)
             frames = self.captioner.thumbnail_frames(prep.item)
@@ -401,12 +249,9 @@ class RankRunner:
             prep.nbytes = nbytes(prep.item)
         except Exception as err:  # any per-row problem becomes that row's result, never the rank's
             prep.item = None
-            if storage.is_not_found(err):
-                prep.error = f"video not found: {path}"
-            else:
-                prep.error = short_error(err)
-                prep.transient = (stage == "fetch" or is_oom(err) or isinstance(err, PermissionError)
-                                  or storage.is_transient(err) or storage.is_access_denied(err))
+            prep.error = (f"video not found: {path}" if storage.is_not_found(err) else
+                          f"not a file: {path}" if isinstance(err, IsADirectoryError) else short_error(err))
+            prep.transient = classify(err, stage) == TRANSIENT
         finally:
             if owned and local and os.path.exists(local):
                 os.unlink(local)
@@ -418,9 +263,10 @@ class RankRunner:
         try:
             ids = self._generate(batch, stats)
         except Exception as err:
-            if len(batch) == 1:  # the model runtime failed on this row alone: the environment's fault
+            if len(batch) == 1:  # the model runtime failed on this row alone (errors.classify: transient)
                 self._release(batch)
-                return [self._result(batch[0], STATUS_TRANSIENT, "", short_error(err), previous)]
+                status = STATUS_TRANSIENT if classify(err, "generate") == TRANSIENT else STATUS_FAILED
+                return [self._result(batch[0], status, "", short_error(err), previous)]
             log.warning("rank %d: batch of %d failed (%s); retrying one row at a time",
                         self.info.rank, len(batch), "out of memory" if is_oom(err) else short_error(err))
             if is_oom(err):
@@ -439,16 +285,7 @@ class RankRunner:
         return results
 
     def _lower_budget(self, batch: list[Prepared]) -> None:
-        """An out-of-memory batch: later batches of this run get at most half its size (tokens, or videos
-        when token counts are unknown), so the rank does not pay a failed batch and a row-by-row retry again
-        and again."""
-        if all(p.tokens is not None for p in batch):
-            padded = len(batch) * max(p.tokens for p in batch)
-            self._budget = min(self._budget, max(1, padded // 2))
-            what = f"token budget {self._budget}"
-        else:
-            self._cap = max(1, min(self._cap or len(batch), len(batch) // 2))
-            what = f"at most {self._cap} videos per batch"
+        what = self._planner.after_oom([p.tokens for p in batch])
         log.warning("rank %d: out of memory on a batch of %d: %s for the rest of this run", self.info.rank,
                     len(batch), what)
 
@@ -461,7 +298,7 @@ class RankRunner:
             stats.busy_seconds += time.perf_counter() - started
             stats.generate_calls += 1
             if all(p.tokens is not None for p in batch):
-                padded = len(batch) * max(p.tokens for p in batch)
+                padded = padded_tokens([p.tokens for p in batch])
                 stats.prefill_tokens += padded
                 stats.padding_tokens += padded - sum(p.tokens for p in batch)
 
@@ -480,7 +317,7 @@ class RankRunner:
 
     # -- endings --------------------------------------------------------------------------------------
     def _write_stats(self, stats: RankStats) -> None:
-        uri = storage.join(self.cfg.parts_prefix, "stats", f"rank{self.info.rank:03d}-{time.time_ns()}.json")
+        uri = self.cfg.layout.stats_object(self.info.rank, time.time_ns())
         try:
             storage.write_bytes(uri, json.dumps(stats.to_dict()).encode())
         except Exception as err:

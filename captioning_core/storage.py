@@ -10,12 +10,14 @@ is ridden out; a longer outage fails the operation (and the attempt) cleanly. Cl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -124,6 +126,25 @@ def is_access_denied(err: BaseException) -> bool:
     return error_code(err) in _DENIED_CODES
 
 
+_budget = threading.local()
+
+
+@contextlib.contextmanager
+def retry_budget(seconds: float | None):
+    """Within the block, S3 operations of this thread start no retry later than ``seconds`` from now (None:
+    no limit beyond ``CAPTION_S3_RETRY_SECONDS``). The publish fence uses it: a write that follows a lease
+    check may retry only while the lease still runs."""
+    outer = getattr(_budget, "deadline", None)
+    deadline = None if seconds is None else time.monotonic() + max(0.0, seconds)
+    if outer is not None and (deadline is None or outer < deadline):
+        deadline = outer
+    _budget.deadline = deadline
+    try:
+        yield
+    finally:
+        _budget.deadline = outer
+
+
 def _retrying(fn):
     """Retry an S3 operation on transient errors with exponential backoff, within a time budget."""
 
@@ -131,6 +152,9 @@ def _retrying(fn):
     def wrapper(*args, **kwargs):
         budget = float(os.environ.get("CAPTION_S3_RETRY_SECONDS", "120"))
         deadline = time.monotonic() + budget
+        fenced = getattr(_budget, "deadline", None)
+        if fenced is not None:
+            deadline = min(deadline, fenced)
         delay = 0.5
         while True:
             try:
@@ -316,16 +340,32 @@ def delete_prefix(prefix: str) -> None:
 
 
 @_retrying
+def check_local_file(path: str) -> None:
+    """Raise what reading the local file ``path`` raises: FileNotFoundError only when it is not there (ENOENT),
+    IsADirectoryError for a directory, and the real OSError (EACCES, ESTALE, EIO, ...) for trouble reading
+    it, which is the environment's, not the video's (``errors.classify``)."""
+    with open(path, "rb") as fh:
+        fh.read(1)
+
+
 def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
     """Return a local path for ``uri``: the path itself, or a fresh download into ``cache_dir``.
 
     The second value says whether the caller owns (and should delete) the returned file.
     """
     if not is_s3(uri):
+        check_local_file(uri)
         return uri, False
     loc = S3Location.parse(uri)
     suffix = posixpath.splitext(loc.key)[1][:16]
     # The local name is random: nothing in the key (``..``, slashes, unicode) can steer it.
     local = os.path.join(cache_dir, f"{uuid.uuid4().hex}{suffix}")
-    s3_client().download_file(loc.bucket, loc.key, local)
+    _download(loc, local)
     return local, True
+
+
+@_retrying
+def _download(loc: S3Location, local: str) -> None:
+    """One video into ``local``, retried like every other S3 call: a short outage must not turn a row
+    transient. (The transfer writes a temporary name and renames, so a failed try leaves nothing at ``local``.)"""
+    s3_client().download_file(loc.bucket, loc.key, local)

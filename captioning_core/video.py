@@ -1,4 +1,4 @@
-"""Video reading (decord for the frame table, PyAV for sampled decoding) and frame sampling for both models.
+"""Video reading (decord for the frame table, PyAV for sampled decoding) and frame sampling for every captioner.
 
 Qwen2-VL: frames sampled at ``fps`` the way qwen-vl-utils does (clamped to [4, min(768, total)] and
 rounded to an even count), then resized so that height*width stays within a pixel budget at the video's
@@ -13,7 +13,7 @@ decord's frame table exactly (edit-list discards, missing timestamps, a truncate
 ``get_batch``, so the frames returned are always decord's frames at those indices. With several video streams
 (or cover art stored as one) PyAV reads the stream decord reads: FFmpeg's best stream, never an attached picture.
 
-Frames come out as a player shows them (``captioning_core.display``): display rotation and flips applied, non-square
+Frames come out as a player shows them (``captioning_core.orientation``): display rotation and flips applied, non-square
 pixels stretched, 10-bit and other formats converted to RGB as ffmpeg does, before any model resizing.
 Qwen2-VL's ``fps`` sampling follows presentation time on variable-frame-rate clips (``qwen_sample_indices``);
 constant-rate clips keep the index formula, so their frames are unchanged.
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from captioning_core.display import Display, RgbConverter, display_of, pick_stream, probe_display
+from captioning_core.orientation import Display, RgbConverter, display_of, pick_stream, probe_display
 
 QWEN_FRAME_FACTOR = 2
 QWEN_MIN_FRAMES = 4

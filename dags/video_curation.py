@@ -28,8 +28,10 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Asset, CronPartitionTimetable, Param, task
 
 from captioning_core.models import CAPTIONERS
+from curation.steps import Thresholds
 from operators.ascend_caption import AscendCaptionOperator
 
+_THRESHOLDS = Thresholds()
 S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
 DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
 # Named, not an s3:// URI: an s3 URI makes every DAG parse initialise the providers manager (~0.6 s).
@@ -87,11 +89,15 @@ with DAG(
                            "settings (model, checkpoint, prompt, options) again; without it such a shard fails"),
         "retry_failed": Param(False, type="boolean", description="re-queue videos whose caption ended failed "
                               "into a new shard (nothing re-queues them otherwise)"),
-        "min_frames": Param(8, type="integer", minimum=1),
-        "min_fps": Param(5.0, type="number"),
-        "min_height": Param(64, type="integer"),
-        "min_width": Param(64, type="integer"),
-        "max_seconds": Param(3600.0, type="number"),
+        # the filter's thresholds; defaults are curation.steps.Thresholds' own
+        "min_frames": Param(_THRESHOLDS.min_frames, type="integer", minimum=1),
+        "min_fps": Param(_THRESHOLDS.min_fps, type="number"),
+        "min_height": Param(_THRESHOLDS.min_height, type="integer"),
+        "min_width": Param(_THRESHOLDS.min_width, type="integer"),
+        "max_seconds": Param(_THRESHOLDS.max_seconds, type="number"),
+        "max_pixels": Param(_THRESHOLDS.max_pixels, type="integer", minimum=1, description="drop videos whose "
+                            "stored frame has more pixels (a small file can declare a huge picture; ranks decode it)"),
+        "max_frames": Param(_THRESHOLDS.max_frames, type="integer", minimum=1, description="drop longer videos"),
         "model": Param("qwen2vl", enum=sorted(CAPTIONERS)),
         "model_dir": Param(os.environ.get("CAPTION_MODEL_DIR", "pretrained_models/Qwen2-VL-7B-Instruct"),
                            type="string"),

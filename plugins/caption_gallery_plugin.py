@@ -10,8 +10,8 @@ and the configured auth manager's ``is_authorized_dag`` (GET on the DAG's task i
 The DAG is not guessed from the bucket or key, and not fixed to one configured DAG: the URL names the task
 instance that produced the object, and the object must be one that task instance recorded. The record is
 the operator's own extra-link XCom (``_link_CaptionOutputLink``, written by Airflow when the task ends),
-which holds the output's connection, bucket and key; only that output, its summary and the files under its
-``.gallery/`` folder are served (else 404). So a user sees exactly the galleries of DAGs whose task
+which holds the output's connection, bucket and key; only that output, its summary and the files of its
+gallery folder (``captioning_core.layout``) are served (else 404). So a user sees exactly the galleries of DAGs whose task
 instances they may read, the same rule as the task's own log and XCom in the UI, and a URL naming another
 DAG's run cannot reach this DAG's objects. Connections are also limited to ``$CAPTION_GALLERY_CONN_IDS``
 (default ``caption_s3``).
@@ -37,6 +37,8 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
+from captioning_core.layout import PartitionLayout, looks_like_gallery_object
+
 PREFIX = "/caption-gallery"
 LINK_KEY = "_link_CaptionOutputLink"  # CaptionOutputLink's XCom key (operators.ascend_caption)
 SECURITY_HEADERS = {
@@ -57,24 +59,20 @@ async def _security_headers(request: Request, call_next):
     return response
 
 
-def allowed_key(key: str) -> bool:
-    """Gallery pages/thumbnails, caption outputs and their summaries; nothing else, no traversal."""
-    if ".." in key.split("/") or key.startswith("/"):
-        return False
-    name = key.rsplit("/", 1)[-1]
-    if ".gallery/" in key:
-        return name.endswith((".html", ".jpg"))
-    return "_caption_" in name and name.endswith((".csv", ".csv.summary.json"))
+def allowed_key(key: str, output_key: str | None = None) -> bool:
+    """Gallery pages/thumbnails, the caption output and its summary; nothing else, no traversal.
+
+    With ``output_key`` (the output the task instance recorded, whatever its name), exactly that partition's
+    objects (``PartitionLayout.serves``); without it, only keys shaped like a default-named output's.
+    """
+    if output_key is not None:
+        return PartitionLayout(output_key).serves(key)
+    return looks_like_gallery_object(key)
 
 
 def belongs_to_output(key: str, output_key: str) -> bool:
     """``key`` is the output itself, its summary, or a gallery file beside it."""
-    if ".." in key.split("/"):
-        return False
-    if key in (output_key, f"{output_key}.summary.json"):
-        return True
-    gallery = f"{output_key}.gallery/"
-    return key.startswith(gallery) and key.rsplit("/", 1)[-1].endswith((".html", ".jpg"))
+    return PartitionLayout(output_key).serves(key)
 
 
 def parse_link(url: str) -> tuple[str, str, str] | None:
@@ -151,8 +149,8 @@ def serve(dag_id: str, run_id: str, task_id: str, map_index: int, conn_id: str, 
     _authorize(user, dag_id)
     allowed = {c.strip() for c in os.environ.get("CAPTION_GALLERY_CONN_IDS", "caption_s3").split(",") if c.strip()}
     recorded = _recorded_output(dag_id, run_id, task_id, map_index)
-    if (conn_id not in allowed or not allowed_key(key) or recorded is None
-            or recorded[:2] != (conn_id, bucket) or not belongs_to_output(key, recorded[2])):
+    if (conn_id not in allowed or recorded is None or recorded[:2] != (conn_id, bucket)
+            or not allowed_key(key, recorded[2])):
         raise HTTPException(status_code=404, detail="not a caption gallery object of this task instance")
     try:
         obj = _client(conn_id).get_object(Bucket=bucket, Key=key)

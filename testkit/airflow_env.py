@@ -17,12 +17,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from testkit.paths import REPO, TINY_QWEN2VL
+from testkit.profile import TINY
+
 _MIGRATED_SQLITE: dict[str, Path] = {}  # "db": a freshly migrated SQLite metadata DB, copied into new homes
-TINY_QWEN2VL = REPO / "tiny_models" / "qwen2vl"
 # Caption options that fit the tiny model on a CPU: small pixel budget, few frames, short captions.
-TINY_CAPTION_OPTIONS = {"device_target": "CPU", "height": 112, "width": 112, "fps": 2, "min_pixels": 3136,
-                        "max_new_tokens": 12, "bs": 2, "log_every": 5}
+TINY_CAPTION_OPTIONS = {"device_target": "CPU", **TINY.caption_options(max_new_tokens=12, bs=2, log_every=5)}
 
 
 @dataclass

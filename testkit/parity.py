@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from testkit.profile import TINY
+
 STEPS = 32
 # Sampling settings small enough for the tiny models on a CPU.
-QWEN_OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
+QWEN_OPTIONS = {**TINY.model_options(), "max_video_tokens": None}
 # Options per model where its CLI defaults don't suit a tiny model (others: their CLI defaults).
 MODEL_OPTIONS = {"qwen2vl": QWEN_OPTIONS, "qwen2_5vl": QWEN_OPTIONS}
 # Model -> the transformers class that is its reference on real PyTorch (HF-format models only).

@@ -23,6 +23,7 @@ from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
 from testkit.clips import ensure_clip
 from testkit.cluster import AirflowCluster, default_hosts, pool_size
 from testkit.demo_clips import DAG_SPECS
+from testkit.process import wait_for
 from testkit.redis_server import RedisServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.msrun, pytest.mark.integration]
@@ -261,7 +262,15 @@ def test_host_lost_mid_caption_retries_on_the_other_host(world):
     dead_text = cluster.task_log(DAG, run_id, "caption", 1, 0)
     log.info("dead try's log through the API (%d chars), last lines: %s", len(dead_text), dead_text[-800:])
     assert "rank 0/2" in dead_text, dead_text[-3000:]
-    uploaded = client.list_objects_v2(Bucket=cluster.log_bucket).get("Contents", [])
-    caption_logs = [o["Key"] for o in uploaded if f"run_id={run_id}/task_id=caption/" in o["Key"]]
-    assert any("attempt=2" in k for k in caption_logs) and not any("attempt=1" in k for k in caption_logs), \
-        caption_logs
+    # The worker's supervisor uploads a try's log after it reports the try's state, so the run can be
+    # "success" a moment before the upload lands: wait for it rather than read the bucket once.
+    def caption_logs() -> list[str]:
+        uploaded = client.list_objects_v2(Bucket=cluster.log_bucket).get("Contents", [])
+        return [o["Key"] for o in uploaded if f"run_id={run_id}/task_id=caption/" in o["Key"]]
+
+    try:
+        keys = wait_for(lambda: [k for k in caption_logs() if "attempt=2" in k] and caption_logs(), 90,
+                        "the retry's log upload", interval=1)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; worker-{other} log:\n{cluster.tail(f'worker-{other}', 80)}") from None
+    assert not any("attempt=1" in k for k in keys), keys

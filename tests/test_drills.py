@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
 import time
 
@@ -41,6 +44,42 @@ def _run_in_thread(cfg, faults):
     return thread, box
 
 
+def _wait_mid_partition(cfg, thread, box) -> None:
+    """Until the rank has journaled a part (past model load, mid-partition); fail if it ended first."""
+    deadline = time.monotonic() + 120
+    while not [u for u in storage.list_prefix(cfg.layout.parts) if u.endswith(".jsonl")]:
+        assert thread.is_alive() and time.monotonic() < deadline, box
+        time.sleep(0.1)
+
+
+class _RetryWatch(logging.Handler):
+    """Sets ``seen`` once captioning_core.storage logs a retry (an S3 call failed and will be tried again)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying in" in record.getMessage():
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def _outage_until_a_retry(s3_server, within: float, what: str):
+    """S3 is down from entry until, after the block, an S3 call is seen failing and retrying (the outage is
+    held until it hits a call, never a wall-clock guess); then the server is started again."""
+    retries = _RetryWatch()
+    logger = logging.getLogger(storage.__name__)
+    logger.addHandler(retries)
+    s3_server.stop()
+    try:
+        yield
+        assert retries.seen.wait(within), what
+    finally:
+        s3_server.start()
+        logger.removeHandler(retries)
+
+
 def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
@@ -48,14 +87,34 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-    time.sleep(1.5)
-    s3_server.stop()
-    time.sleep(3)
-    s3_server.start()
+    _wait_mid_partition(cfg, thread, box)
+    with _outage_until_a_retry(s3_server, 90, "no S3 call failed during the outage"):
+        pass
     thread.join(timeout=180)
-    assert "error" not in box, box.get("error")
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert box["stats"].transient == 0, box["stats"]
     out = _output(s3_server.client(), cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+
+
+def test_a_video_fetch_during_an_outage_waits_for_s3_to_return(s3_server, s3_bucket, s3_env, tmp_path):
+    """Video downloads retry like every other S3 call (within CAPTION_S3_RETRY_SECONDS): a fetch begun while
+    the server is down completes once it is back, instead of making its row transient."""
+    client = s3_server.client()
+    body = b"not a video, just bytes" * 1000
+    client.put_object(Bucket=s3_bucket, Key="outage/clip.mp4", Body=body)
+    s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
+    storage.s3_client.cache_clear()
+    box = {}
+    fetch = threading.Thread(target=lambda: box.update(
+        got=storage.fetch_to_local(f"s3://{s3_bucket}/outage/clip.mp4", str(tmp_path))))
+    with _outage_until_a_retry(s3_server, 60, "the fetch did not retry"):
+        fetch.start()
+    fetch.join(timeout=120)
+    assert not fetch.is_alive() and "got" in box, box
+    local, owned = box["got"]
+    assert owned and open(local, "rb").read() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(local)]  # no partial leftovers
 
 
 def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s3_bucket, clips, s3_env):
@@ -66,10 +125,7 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     storage.s3_client.cache_clear()
     cfg = _cfg(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
-    deadline = time.monotonic() + 120
-    while not [u for u in storage.list_prefix(cfg.parts_prefix) if u.endswith(".jsonl")]:  # mid-partition
-        assert thread.is_alive() and time.monotonic() < deadline, box
-        time.sleep(0.1)
+    _wait_mid_partition(cfg, thread, box)
     s3_server.stop()
     thread.join(timeout=180)
     s3_server.start()

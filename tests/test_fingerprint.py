@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from captioning_core import fingerprint
+from captioning_core import arguments, fingerprint
 from captioning_core.cli import build_parser, config_from_args
 from tests.test_cli import CHANGED
 
@@ -23,8 +23,8 @@ SPEED_ONLY = {"bs", "batch_tokens", "output", "device_target", "gather", "pad_le
 
 def _fp(*argv: str, model: str = "qwen2vl") -> dict:
     # dtype explicit: its default follows --device_target (float16 on Ascend, float32 on CPU)
-    return fingerprint.for_script_args(model, ["m.csv", "--pretrained_model_name_or_path", str(TINY),
-                                               "--dtype", "float32", *argv])
+    return arguments.for_script_args(model, ["m.csv", "--pretrained_model_name_or_path", str(TINY),
+                                             "--dtype", "float32", *argv])
 
 
 def test_every_caption_deciding_option_changes_the_fingerprint_and_no_other_does():
@@ -70,8 +70,8 @@ def test_sampled_hash_of_large_weights_sees_header_and_samples(tmp_path):
 
 
 def test_for_script_args_imports_no_model_runtime_and_matches_the_ranks():
-    code = ("import json, sys\nfrom captioning_core import fingerprint\n"
-            f"fp = fingerprint.for_script_args('qwen2vl', ['m.csv', '--pretrained_model_name_or_path', {str(TINY)!r},"
+    code = ("import json, sys\nfrom captioning_core import arguments\n"
+            f"fp = arguments.for_script_args('qwen2vl', ['m.csv', '--pretrained_model_name_or_path', {str(TINY)!r},"
             " '--question', 'What moves?'])\n"
             "heavy = [m for m in ('mindspore', 'mindnlp', 'torch', 'transformers', 'decord', 'av') if m in sys.modules]\n"
             "print(json.dumps({'fp': fp, 'heavy': heavy}))")

@@ -12,9 +12,8 @@ import pytest
 
 from captioning_core import journal, storage
 from captioning_core.faults import FaultPlan
-from captioning_core.journal import RowResult
+from captioning_core.journal import JournalWriter, RowResult
 from captioning_core.prefetch import BytePrefetcher, nbytes
-from captioning_core.runner import JournalWriter
 
 
 def _parts(prefix: Path) -> list[str]:

@@ -158,7 +158,7 @@ def test_token_cap_and_per_frame_cap(standard_clips):
 def test_cli_defaults_come_from_the_checkpoint_and_options_override_them():
     from pathlib import Path
 
-    from captioning_core import cli, fingerprint
+    from captioning_core import arguments, cli
     from captioning_core.models.qwen3_vl import Qwen3VLCaptioner
 
     tiny = str(Path(__file__).resolve().parents[1] / "tiny_models" / "qwen3vl")
@@ -171,8 +171,8 @@ def test_cli_defaults_come_from_the_checkpoint_and_options_override_them():
                                                    "--max_pixels", "99999"])
     cap = Qwen3VLCaptioner(cli.config_from_args("qwen3vl", args))
     assert (cap.vp.fps, cap.vp.max_pixels, cap.vp.min_frames) == (1.0, 99999, 4)
-    assert fingerprint.for_script_args("qwen3vl", ["m.csv", "--fps", "1"])["id"] != \
-        fingerprint.for_script_args("qwen3vl", ["m.csv", "--fps", "2"])["id"]
+    assert arguments.for_script_args("qwen3vl", ["m.csv", "--fps", "1"])["id"] != \
+        arguments.for_script_args("qwen3vl", ["m.csv", "--fps", "2"])["id"]
     with pytest.raises(ValueError, match="go together"):
         Qwen3VLOptions(height=128)
     with pytest.raises(ValueError, match="min_pixels"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning_core import display, gallery, video
+from captioning_core import gallery, orientation, video
 from testkit.clips import ClipSpec, ensure_clip, ffmpeg_exe, render_frames, render_frames_at
 from testkit.footage import stored_frame
 
@@ -107,7 +107,7 @@ def test_decord_fallback_gives_the_same_upright_frames(footage_dir, monkeypatch,
 
 def test_orientation_algebra_matches_numpy():
     img = np.arange(2 * 3 * 4).reshape(1, 3, 4, 2)
-    rot = display.Orientation.rotation_ccw
+    rot = orientation.Orientation.rotation_ccw
     assert np.array_equal(rot(90).apply(img), np.rot90(img, 1, axes=(1, 2)))
     assert np.array_equal(rot(270).apply(img), np.rot90(img, -1, axes=(1, 2)))
     for turns in range(4):
@@ -121,7 +121,7 @@ def test_orientation_algebra_matches_numpy():
                 want = frames.transpose(0, 2, 1, 3) if swap else frames
                 want = want[:, ::-1] if flip_rows else want
                 want = want[:, :, ::-1] if flip_cols else want
-                assert np.array_equal(display.Orientation(swap, flip_rows, flip_cols).apply(frames), want)
+                assert np.array_equal(orientation.Orientation(swap, flip_rows, flip_cols).apply(frames), want)
 
 
 def test_model_preprocessing_sees_the_upright_frame(footage_dir):

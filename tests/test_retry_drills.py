@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from captioning_core import fingerprint
+from captioning_core import arguments
 from testkit.clips import ClipSpec, ensure_clip
 from testkit.partition import meta_csv, upload_partition
 from tests.conftest import REPO, TINY_QWEN2VL
@@ -43,8 +43,8 @@ def _loaded_model(result) -> bool:
 
 
 def _fp_id(*args: str) -> str:
-    return fingerprint.for_script_args("qwen2vl", ["m.csv", "--pretrained_model_name_or_path", str(TINY_QWEN2VL),
-                                                   *TINY_ARGS, *args])["id"]
+    return arguments.for_script_args("qwen2vl", ["m.csv", "--pretrained_model_name_or_path", str(TINY_QWEN2VL),
+                                                 *TINY_ARGS, *args])["id"]
 
 
 def test_wrong_secret_fails_the_attempt_before_any_model_load_and_the_right_one_captions_all(

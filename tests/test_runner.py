@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +20,9 @@ import pytest
 from captioning_core import journal
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
-from captioning_core.metadata import PartitionError
 from captioning_core.models.base import Captioner
 from captioning_core.models.qwen2_vl import Qwen2VLOptions, sample_frames
+from captioning_core.partition_table import PartitionError
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from testkit.clips import COLORS, ensure_clip
@@ -123,7 +124,7 @@ def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket,
     stats = _run(cfg, world=2)
     assert sum(s.rows_skipped for s in stats) == 3
     assert sum(s.rows_processed for s in stats) == len(rows) - 3
-    assert journal.load(cfg.parts_prefix, [r.path for r in rows])[3].attempts == 1
+    assert journal.load(cfg.layout.parts, [r.path for r in rows])[3].attempts == 1
     out = _output(client, cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
 
@@ -145,9 +146,9 @@ def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_buc
     with pytest.raises(LeaseLostError, match="held by thief; not publishing"):
         RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), fence=stale.fence()).run()
     stale.release()
-    assert not _exists(client, cfg.output) and not _exists(client, cfg.summary_uri)
+    assert not _exists(client, cfg.output) and not _exists(client, cfg.layout.summary)
     assert all(journal.is_final(res, cfg.max_row_attempts)
-               for res in journal.load(cfg.parts_prefix, [r.path for r in rows]).values())
+               for res in journal.load(cfg.layout.parts, [r.path for r in rows]).values())
 
     client.delete_object(Bucket=s3_bucket, Key=lease_key)  # the thief is done with it
     holder = S3Lease(client, s3_bucket, lease_key, holder="next", ttl=8)
@@ -168,7 +169,7 @@ def test_data_failures_are_final_and_not_retried(s3_server, s3_bucket, clips, s3
     second = _run(cfg)[0]  # no skip_if_existing: nothing is left to do, no model work
     assert (first.rows_processed, first.failed, first.transient) == (8, 2, 0)
     assert (second.rows_processed, second.model_loaded) == (0, False)
-    results = journal.load(cfg.parts_prefix, [r.path for r in rows])
+    results = journal.load(cfg.layout.parts, [r.path for r in rows])
     assert sorted(r.attempts for r in results.values() if r.status == "failed") == [1, 1]
 
 
@@ -211,7 +212,7 @@ def test_consecutive_transient_failures_stop_the_rank_early(s3_server, s3_bucket
     stats = _run(cfg, faults=FaultPlan(runtime_error=True))[0]
     assert stats.rows_processed == 2 and stats.stopped_early.startswith("2 consecutive")
     assert not _exists(client, cfg.output)
-    assert len(journal.load(cfg.parts_prefix, [r.path for r in rows])) == 2  # the rest were never attempted
+    assert len(journal.load(cfg.layout.parts, [r.path for r in rows])) == 2  # the rest were never attempted
 
 
 def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):
@@ -302,3 +303,21 @@ def test_s3_downloads_never_leave_the_local_cache(s3_server, s3_bucket, tmp_path
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p.parent == cache for p in created), created
     assert len(created) == len(stored)
+
+
+def test_a_local_file_that_cannot_be_read_is_transient_and_only_enoent_is_not_found(clips, tmp_path):
+    """Only a path that is not there (ENOENT) is "video not found" (final); a directory is "not a file" (final);
+    a file that exists but fails to read (here EIO: /proc/self/mem at offset 0, as a failing disk or a stale
+    mount would) is the environment's: transient, retried by the next attempt, and the output waits for it."""
+    rows = [Row(str(clips[0][0]), clips[0][1]), Row("/proc/self/mem", None), Row(str(tmp_path), None),
+            Row(str(tmp_path / "gone.mp4"), None)]
+    meta = tmp_path / "meta.csv"
+    meta.write_bytes(meta_csv(rows))
+    cfg = _cfg(str(meta))
+    stats = _run(cfg)[0]
+    assert (stats.captioned, stats.failed, stats.transient) == (1, 2, 1)
+    assert not os.path.exists(cfg.output)  # a transient row holds the publish
+    records = journal.load(cfg.layout.parts, [r.path for r in rows])
+    assert records[1].status == "transient" and "Input/output error" in records[1].error
+    assert records[2].status == "failed" and records[2].error == f"not a file: {tmp_path}"
+    assert records[3].status == "failed" and records[3].error == f"video not found: {tmp_path / 'gone.mp4'}"

@@ -39,10 +39,11 @@ class Partition:
         self.s3.upload_file(str(ensure_clip(spec, self.clip_dir)), self.bucket, key)
         return f"s3://{self.bucket}/{key}"
 
-    def scrape_and_filter(self, shard_size: int = 2, retry_failed: bool = False) -> list[str]:
+    def scrape_and_filter(self, shard_size: int = 2, retry_failed: bool = False,
+                          thresholds: steps.Thresholds | None = None) -> list[str]:
         steps.scrape(self.s3, self.conn, self.bucket, f"incoming/{KEY}", KEY)
-        shards = steps.filter_partition(self.s3, self.conn, KEY, steps.Thresholds(min_frames=2), self.bucket,
-                                        "meta", shard_size, retry_failed)
+        shards = steps.filter_partition(self.s3, self.conn, KEY, thresholds or steps.Thresholds(min_frames=2),
+                                        self.bucket, "meta", shard_size, retry_failed)
         return [s["meta_path"] for s in shards]
 
     def shard_paths(self, meta_uri: str) -> list[str]:
@@ -138,3 +139,20 @@ def test_failed_rows_are_requeued_only_when_asked_and_old_results_never_win(part
     steps.write_back(partition.s3, partition.conn, KEY, results, "qwen2vl", all_shards)
     table = partition.table()
     assert {p: (row[1], row[2]) for p, row in table.items()} == {p: (s, t) for p, (t, s) in captions.items()}
+
+
+def test_the_filter_drops_videos_over_the_pixel_and_frame_caps_with_a_reason(partition):
+    """A shard's decode stays bounded: videos whose stored picture or frame count is over the caps never
+    reach a meta shard, and their row says why (issue 25 #2)."""
+    big = partition.upload(ClipSpec("red", "left", width=640, height=480), name="big.mp4")
+    long = partition.upload(ClipSpec("green", "left", seconds=4.0), name="long.mp4")
+    fine = partition.upload(ClipSpec("blue", "left"), name="fine.mp4")
+    caps = steps.Thresholds(min_frames=2, max_pixels=320 * 240, max_frames=60)  # 4 s at 25 fps = 100 frames
+    shards = partition.scrape_and_filter(shard_size=10, thresholds=caps)
+    assert [p for shard in shards for p in partition.shard_paths(shard)] == [fine]
+    with metadb.transaction(partition.conn) as cur:
+        cur.execute("SELECT path, filter_status, filter_reason FROM video_meta WHERE partition_key = %s", (KEY,))
+        verdicts = {path: (status, reason) for path, status, reason in cur.fetchall()}
+    assert verdicts[big] == ("dropped", "size 640x480 above max_pixels 76800")
+    assert verdicts[long] == ("dropped", "num_frames 100 > max_frames 60")
+    assert verdicts[fine] == ("kept", None)

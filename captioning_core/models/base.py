@@ -9,9 +9,11 @@ path move token ids between ranks, as the seed scripts do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from captioning_core import options
 from captioning_core.config import RunConfig
 
 
@@ -23,7 +25,8 @@ class Captioner(ABC):
     name: ClassVar[str]
     #: the CLI's --pretrained_model_name_or_path default (the seed's layout of pretrained_models/)
     default_model_dir: ClassVar[str] = "pretrained_models/model"
-    #: the dataclass of this model's own options (its fields' defaults are the CLI's), if it has any
+    #: the dataclass of this model's own options, one ``options.option`` field each (the CLI's arguments,
+    #: defaults and fingerprint roles come from it), if it has any
     options_cls: ClassVar[type | None] = None
     #: files a local model directory must hold, checked before loading
     required_files: ClassVar[tuple[str, ...]] = ("config.json",)
@@ -34,13 +37,18 @@ class Captioner(ABC):
         self.model = None  # set by setup()
         self.tokenizer = None  # set by setup(); the runner checks it to know whether setup ran
 
-    @classmethod  # noqa: B027 - an optional hook, empty by default
+    @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Model-specific CLI arguments (seed names and defaults)."""
+        """Model-specific CLI arguments (seed names and defaults), from ``options_cls``'s option specs."""
+        if cls.options_cls is not None:
+            options.add_arguments(parser, cls.options_cls)
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        return {}
+        """``cfg.model_options`` from parsed arguments, validated now (before any rank starts)."""
+        if cls.options_cls is None:
+            return {}
+        return dataclasses.asdict(cls.options_cls(**options.values(cls.options_cls, args)))
 
     @abstractmethod
     def prepare(self, local_path: str) -> Any:
@@ -71,13 +79,6 @@ class Captioner(ABC):
     def thumbnail_frames(self, item: Any):
         """A few uint8 (T, H, W, 3) frames of a prepared video for the gallery, or None."""
         return getattr(item, "thumb_frames", None)
-
-
-def option_defaults(options_cls) -> dict[str, Any]:
-    """A model's options dataclass is the one source of its CLI defaults."""
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(options_cls)}
 
 
 #: set to "1" (the operator's ``allow_pickled_weights=True``) to accept pickled ``*.bin`` weights

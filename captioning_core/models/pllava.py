@@ -13,14 +13,15 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from captioning_core import runtime, video
 from captioning_core.config import RunConfig
-from captioning_core.models.base import Captioner, check_model_dir, option_defaults
+from captioning_core.models.base import Captioner, check_model_dir
 from captioning_core.models.qwen2_vl import trim_generated
+from captioning_core.options import CHECKPOINT, GENERATION, PROMPT, SAMPLING, option
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +133,31 @@ def parse_pooling_shape(text: str | tuple | list) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class PllavaOptions:
-    num_frames: int = 4
-    pooling_shape: tuple[int, int, int] = (16, 12, 12)
-    use_lora: bool = False
-    weight_dir: str | None = None
-    lora_alpha: float = 32
-    conv_mode: str = DEFAULT_CONV_MODE
-    num_beams: int = 1
-    temperature: float = 1.0
-    seed: int = 0
+    num_frames: int = option(4, help="frames sampled at segment centres (PLLaVA's get_index)", role=SAMPLING)
+    pooling_shape: tuple[int, int, int] = option(
+        (16, 12, 12), role=SAMPLING, parse=parse_pooling_shape,
+        help="adaptive 3D average pool of the (frames, 24, 24) feature grid, e.g. 16-12-12; with 4 frames, 16 "
+             "repeats each frame 4x (2304 video tokens) as load_pllava's default does, 4-12-12 gives 576 "
+             "(Open-Sora's choice)")
+    use_lora: bool = option(False, role=CHECKPOINT,
+                            help="wrap the language model in peft LoRA (q_proj/v_proj, rank read from the weights) "
+                                 "and load its lora_A/lora_B from --weight_dir")
+    weight_dir: str | None = option(None, role=CHECKPOINT, by_content=True,
+                                    help="checkpoint whose weights are loaded over the model dir's, as load_pllava "
+                                         "does (default with --use_lora: the model dir itself)")
+    lora_alpha: float = option(32, role=CHECKPOINT,
+                               help="LoRA scale numerator: scale = lora_alpha / rank (load_pllava's default 32; "
+                                    "PLLaVA's own eval scripts pass 4)")
+    conv_mode: str = option(DEFAULT_CONV_MODE, role=PROMPT, choices=tuple(sorted(CONV_TEMPLATES)),
+                            help="PLLaVA conversation template; 'plain' is the seed's ChatPllava flow with the demo "
+                                 "system prompt, the eval_* ones are PLLaVA's evaluation templates")
+    num_beams: int = option(1, help="beam search with this many beams (1: greedy)", role=GENERATION)
+    temperature: float = option(1.0, role=GENERATION,
+                                help="1.0: greedy decoding (the seed passes do_sample=False, so its temperature did "
+                                     "nothing). Any other value samples with this temperature and top-p 0.9, from a "
+                                     "generator seeded by --seed each generate call: reruns give the same captions. "
+                                     "Not combinable with --num_beams > 1")
+    seed: int = option(0, help="seed of --temperature sampling", role=GENERATION)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling_shape", parse_pooling_shape(self.pooling_shape))
@@ -236,40 +253,6 @@ class PllavaCaptioner(Captioner):
         self.image_processor = None
         self.prompt_ids: list[int] = []
         self.load_report = None
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        default = option_defaults(PllavaOptions)
-        parser.add_argument("--num_frames", type=int, default=default["num_frames"],
-                            help="frames sampled at segment centres (PLLaVA's get_index)")
-        parser.add_argument("--pooling_shape", type=parse_pooling_shape, default=default["pooling_shape"],
-                            help="adaptive 3D average pool of the (frames, 24, 24) feature grid, e.g. 16-12-12; "
-                                 "with 4 frames, 16 repeats each frame 4x (2304 video tokens) as load_pllava's "
-                                 "default does, 4-12-12 gives 576 (Open-Sora's choice)")
-        parser.add_argument("--use_lora", action="store_true", default=default["use_lora"],
-                            help="wrap the language model in peft LoRA (q_proj/v_proj, rank read from the "
-                                 "weights) and load its lora_A/lora_B from --weight_dir")
-        parser.add_argument("--weight_dir", default=default["weight_dir"],
-                            help="checkpoint whose weights are loaded over the model dir's, as load_pllava does "
-                                 "(default with --use_lora: the model dir itself)")
-        parser.add_argument("--lora_alpha", type=float, default=default["lora_alpha"],
-                            help="LoRA scale numerator: scale = lora_alpha / rank (load_pllava's default 32; "
-                                 "PLLaVA's own eval scripts pass 4)")
-        parser.add_argument("--conv_mode", choices=sorted(CONV_TEMPLATES), default=default["conv_mode"],
-                            help="PLLaVA conversation template; 'plain' is the seed's ChatPllava flow with the "
-                                 "demo system prompt, the eval_* ones are PLLaVA's evaluation templates")
-        parser.add_argument("--num_beams", type=int, default=default["num_beams"], help="beam search with this many beams (1: greedy)")
-        parser.add_argument("--temperature", type=float, default=default["temperature"],
-                            help="1.0: greedy decoding (the seed passes do_sample=False, so its temperature did "
-                                 "nothing). Any other value samples with this temperature and top-p 0.9, from a "
-                                 "generator seeded by --seed each generate call: reruns give the same captions. "
-                                 "Not combinable with --num_beams > 1")
-        parser.add_argument("--seed", type=int, default=default["seed"], help="seed of --temperature sampling")
-
-    @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> dict:
-        opts = PllavaOptions(**{name: getattr(args, name) for name in option_defaults(PllavaOptions)})
-        return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:
         if self.image_processor is None:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from captioning_core.models.qwen2_vl import PreparedVideo, Qwen2VLCaptioner, Qwen2VLOptions
+from captioning_core.options import inherit
 
 
 @dataclass(frozen=True)
 class Qwen2_5VLOptions(Qwen2VLOptions):  # noqa: N801 - the model's own name
-    fps: float = 2.0  # qwen-vl-utils' FPS, which Qwen2.5-VL's time encoding was tuned with
+    fps: float = inherit(Qwen2VLOptions, "fps", 2.0)  # qwen-vl-utils' FPS, which its time encoding was tuned with
 
 
 class Qwen2_5VLCaptioner(Qwen2VLCaptioner):  # noqa: N801 - the model's own name

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from captioning_core import runtime, video
 from captioning_core.config import RunConfig
-from captioning_core.models.base import Captioner, check_model_dir, option_defaults, pickled_weights_allowed
+from captioning_core.models.base import Captioner, check_model_dir, pickled_weights_allowed
+from captioning_core.options import SAMPLING, option
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,17 @@ VIDEO_TOKEN = "<|video_pad|>"
 
 @dataclass(frozen=True)
 class Qwen2VLOptions:
-    height: int = 448
-    width: int = 672
-    fps: float = 4.0
-    min_pixels: int = video.VIDEO_MIN_PIXELS
-    max_video_tokens: int | None = None  # None: no cap (the captioner sets one from the model's context)
+    height: int = option(448, help="with --width, the pixel budget height*width per frame", role=SAMPLING)
+    width: int = option(672, help="see --height", role=SAMPLING)
+    fps: float = option(4.0, role=SAMPLING, help="frames sampled per second (the count is clamped to [4, 768] and "
+                                                 "made even, as qwen-vl-utils)")
+    min_pixels: int = option(video.VIDEO_MIN_PIXELS, help="lower pixel bound per frame, as qwen-vl-utils",
+                             role=SAMPLING)
+    max_video_tokens: int | None = option(  # None: no cap (the captioner sets one from the model's context)
+        None, role=SAMPLING,
+        help="cap on a video's tokens: long videos get smaller frames, then fewer frames (empty: the model's "
+             "max_position_embeddings - max_new_tokens - 256; a 60 s clip at 448x672 and 4 fps needs ~44k "
+             "tokens, beyond Qwen2-VL's 32k context)")
 
     def __post_init__(self) -> None:
         if self.height < 28 or self.width < 28:
@@ -179,27 +185,6 @@ class Qwen2VLCaptioner(Captioner):
             cap = context_video_tokens(self.model_dir, cfg.max_new_tokens)
             self.opts = replace(self.opts, max_video_tokens=cap)
         self._prompt_head = self._prompt_tail = ""
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """The options dataclass is the one source of defaults; the parser's help shows them."""
-        default = option_defaults(cls.options_cls)
-        parser.add_argument("--height", type=int, default=default["height"],
-                            help="with --width, the pixel budget height*width per frame")
-        parser.add_argument("--width", type=int, default=default["width"], help="see --height")
-        parser.add_argument("--fps", type=float, default=default["fps"], help="frames sampled per second (the count is clamped to [4, 768] and made even, "
-                                                      "as qwen-vl-utils)")
-        parser.add_argument("--min_pixels", type=int, default=default["min_pixels"],
-                            help="lower pixel bound per frame, as qwen-vl-utils")
-        parser.add_argument("--max_video_tokens", type=int, default=default["max_video_tokens"],
-                            help="cap on a video's tokens: long videos get smaller frames, then fewer frames "
-                                 "(empty: the model's max_position_embeddings - max_new_tokens - 256; a 60 s clip at "
-                                 "448x672 and 4 fps needs ~44k tokens, beyond Qwen2-VL's 32k context)")
-
-    @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> dict:
-        opts = cls.options_cls(**{f.name: getattr(args, f.name) for f in fields(cls.options_cls)})
-        return asdict(opts)  # validated now, before any rank starts
 
     def prepare(self, local_path: str) -> PreparedVideo:
         frames, sample_fps = sample_video(local_path, self.opts, self.patch)

@@ -17,7 +17,6 @@ What differs from Qwen2-VL, and so lives here (everything else is ``qwen2_vl``'s
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from captioning_core.models.qwen2_vl import (
     context_video_tokens,
     patchify,
 )
+from captioning_core.options import SAMPLING, option
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,26 @@ VIDEO_CONFIG = "video_preprocessor_config.json"
 class Qwen3VLOptions:
     """Sampling and pixel budget; None means the checkpoint's video processor setting."""
 
-    fps: float | None = None
-    min_frames: int | None = None
-    max_frames: int | None = None
-    min_pixels: int | None = None  # lower bound on frames*height*width
-    max_pixels: int | None = None  # upper bound on frames*height*width
-    height: int | None = None  # with width: an extra per-frame budget height*width, as Qwen2-VL's
-    width: int | None = None
-    max_video_tokens: int | None = None  # None: no cap (the captioner sets one from the model's context)
+    fps: float | None = option(None, role=SAMPLING,
+                               help=f"frames sampled per second (default: the checkpoint's, else {DEFAULT_FPS:g})")
+    min_frames: int | None = option(None, role=SAMPLING,
+                                    help=f"fewest frames sampled (default: the checkpoint's, else {DEFAULT_MIN_FRAMES})")
+    max_frames: int | None = option(None, role=SAMPLING,
+                                    help=f"most frames sampled (default: the checkpoint's, else {DEFAULT_MAX_FRAMES})")
+    min_pixels: int | None = option(None, role=SAMPLING,
+                                    help=f"lower bound on frames*height*width (default: the checkpoint's, else "
+                                         f"{DEFAULT_MIN_PIXELS})")
+    max_pixels: int | None = option(None, role=SAMPLING,
+                                    help=f"upper bound on frames*height*width (default: the checkpoint's, else "
+                                         f"{DEFAULT_MAX_PIXELS})")
+    height: int | None = option(None, role=SAMPLING,  # with width: an extra per-frame budget, as Qwen2-VL's
+                                help="with --width, also cap each frame at height*width pixels (default: no "
+                                     "per-frame cap)")
+    width: int | None = option(None, help="see --height", role=SAMPLING)
+    max_video_tokens: int | None = option(  # None: no cap (the captioner sets one from the model's context)
+        None, role=SAMPLING,
+        help="cap on a video's tokens: long videos get smaller frames, then fewer frames (default: the model's "
+             "max_position_embeddings - max_new_tokens - 256)")
 
     def __post_init__(self) -> None:
         if (self.height is None) != (self.width is None):
@@ -306,26 +318,6 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
         if self.opts.max_video_tokens is None:
             self.opts = replace(self.opts, max_video_tokens=context_video_tokens(self.model_dir, cfg.max_new_tokens))
         self._prompt_head = self._prompt_tail = ""
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        d = VideoProcessorConfig()
-        parser.add_argument("--fps", type=float, default=None,
-                            help=f"frames sampled per second (default: the checkpoint's, else {d.fps:g})")
-        parser.add_argument("--min_frames", type=int, default=None,
-                            help=f"fewest frames sampled (default: the checkpoint's, else {d.min_frames})")
-        parser.add_argument("--max_frames", type=int, default=None,
-                            help=f"most frames sampled (default: the checkpoint's, else {d.max_frames})")
-        parser.add_argument("--min_pixels", type=int, default=None,
-                            help=f"lower bound on frames*height*width (default: the checkpoint's, else {d.min_pixels})")
-        parser.add_argument("--max_pixels", type=int, default=None,
-                            help=f"upper bound on frames*height*width (default: the checkpoint's, else {d.max_pixels})")
-        parser.add_argument("--height", type=int, default=None,
-                            help="with --width, also cap each frame at height*width pixels (default: no per-frame cap)")
-        parser.add_argument("--width", type=int, default=None, help="see --height")
-        parser.add_argument("--max_video_tokens", type=int, default=None,
-                            help="cap on a video's tokens: long videos get smaller frames, then fewer frames "
-                                 "(default: the model's max_position_embeddings - max_new_tokens - 256)")
 
     def prepare(self, local_path: str) -> Qwen3PreparedVideo:
         frames, stamps = sample_frames(local_path, self.vp, self.opts)

@@ -35,9 +35,17 @@ class Thresholds:
     min_height: int = 64
     min_width: int = 64
     max_seconds: float = 3600.0
+    # Caps that keep a shard's decode bounded: a tiny file can declare a huge picture or frame count, and the
+    # ranks decode up to hundreds of frames at the stored size before resizing (issue 25 #2).
+    max_pixels: int = 4096 * 2160  # per frame, as stored (DCI 4K)
+    max_frames: int = 216_000  # an hour at 60 fps
 
     def verdict(self, num_frames: int, fps: float, height: int, width: int) -> str | None:
         """None to keep the video, else the reason it is dropped."""
+        if height * width > self.max_pixels:
+            return f"size {width}x{height} above max_pixels {self.max_pixels}"
+        if num_frames > self.max_frames:
+            return f"num_frames {num_frames} > max_frames {self.max_frames}"
         if num_frames < self.min_frames:
             return f"num_frames {num_frames} < {self.min_frames}"
         if fps < self.min_fps:

@@ -24,6 +24,8 @@ from typing import Any
 
 from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 
+from captioning_core.arguments import owned_options
+from captioning_core.layout import PartitionLayout
 from operators.lease import LeaseCancelled, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import FAULTS_ENV, MsrunHook, MsrunSpec, pick_free_port, port_for
@@ -33,9 +35,12 @@ CAPTION_SCRIPTS = {"qwen2vl": "caption_qwen2vl.py", "pllava": "caption_pllava.py
 CAPTIONS_ALIAS = "caption-outputs"
 DEFAULT_ENV = {"HCCL_CONNECT_TIMEOUT": "7200"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
-#: caption script options the operator sets itself; caption_options may not override them
-OWNED_OPTIONS = frozenset({"meta_path", "output", "output_uri", "pretrained_model_name_or_path", "model_dir",
-                           "skip_if_existing", "allow_pickled_weights"})
+#: the operator's own arguments for what it owns, and its weights switch: refused in caption_options as well,
+#: so that a misplaced one fails instead of being ignored
+OPERATOR_ARGUMENTS = frozenset({"output_uri", "model_dir", "allow_pickled_weights"})
+#: caption script options the operator sets itself (declared ``owned`` in RunConfig's option specs) and its own
+#: arguments for them; caption_options may not set any of these
+OWNED_OPTIONS = owned_options() | OPERATOR_ARGUMENTS
 
 
 def caption_entry(model: str) -> tuple[str, list[str]]:
@@ -103,7 +108,7 @@ class CaptionGalleryLink(_OutputObjectLink):
     """The partition's caption gallery (thumbnails, captions, failures, summary)."""
 
     name = "Caption gallery"
-    suffix = ".gallery/index.html"
+    suffix = PartitionLayout("").gallery_index
 
 
 class CaptionOutputLink(_OutputObjectLink):
@@ -185,6 +190,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self._recaptioning = False  # the existing output was made with other settings and is being replaced
         self._hook: MsrunHook | None = None
         self._killed = None  # threading.Event, made in execute (operators are deep-copied before it)
+        self._parsed: tuple | None = None  # (inputs, caption argv, its parse): the argv is parsed once
+        self._config = None  # the RunConfig of that parse, made when the fingerprint needs it
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _s3_hook(self):
@@ -271,7 +278,16 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                          worker_num=int(self.worker_num), local_worker_num=int(self.local_worker_num),
                          master_port=int(port), **opts)
 
-    def _script_args(self) -> list[str]:
+    def _caption_args(self) -> tuple[list[str], Any]:
+        """The caption script's argv without the skip flag, and its parse by the ranks' own parser: made once
+        per set of inputs (``_check_caption_args``), then reused to launch and to fingerprint."""
+        inputs = (self.model, self.model_dir, self.output_uri, self.meta_path, repr(self.caption_options))
+        if self._parsed is None or self._parsed[0] != inputs:
+            self._parsed, self._config = (inputs, *self._check_caption_args()), None
+        return self._parsed[1], self._parsed[2]
+
+    def _check_caption_args(self) -> tuple[list[str], Any]:
+        """Options the operator owns are refused, and every value is parsed before anything is launched."""
         from airflow.sdk.exceptions import AirflowFailException
 
         owned = sorted(OWNED_OPTIONS.intersection(self.caption_options))
@@ -283,17 +299,29 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             options = caption_argv(self.caption_options)
         except ValueError as err:
             raise AirflowFailException(f"invalid caption options: {err}") from err
-        args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options]
-        if self.skip_if_existing and not self._recaptioning:
-            args.append("--skip_if_existing")
-        args += ["--", self.meta_path]  # positional after `--`: a meta path is never read as an option
-        from captioning_core.cli import build_parser  # argparse only: no model code is imported
+        args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options,
+                "--", self.meta_path]  # positional after `--`: a meta path is never read as an option
+        from captioning_core.arguments import build_parser  # argparse only: no model code is imported
 
         try:
-            build_parser(self.model).parse_args(args)
+            return args, build_parser(self.model).parse_args(args)
         except SystemExit as err:
             raise AirflowFailException(f"invalid caption options {self.caption_options}") from err
-        return args
+
+    def _script_args(self) -> list[str]:
+        """The caption script's argv: ``_caption_args`` with ``--skip_if_existing`` unless recaptioning."""
+        args, _ = self._caption_args()
+        skip = ["--skip_if_existing"] if self.skip_if_existing and not self._recaptioning else []
+        return args[:-2] + skip + args[-2:]
+
+    def _caption_config(self):
+        """The RunConfig the ranks will run with, from the one parse; a bad value raises ValueError."""
+        from captioning_core.arguments import config_from_args
+
+        _, parsed = self._caption_args()
+        if self._config is None:
+            self._config = config_from_args(self.model, parsed)
+        return self._config
 
     def _finished(self, hook) -> bool:
         """The output exists and its summary's fingerprint is this task's (nothing to do). An output made with
@@ -305,7 +333,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         if not self._exists(hook, self.output_uri):
             return False
         self._check_model_dir()  # the checkpoint's identity is part of the fingerprint
-        wanted = fingerprint.for_script_args(self.model, self._script_args())
+        wanted = fingerprint.compute(self._caption_config())
         found = self._summary(hook, f"{self.output_uri}.summary.json").get(fingerprint.SUMMARY_KEY)
         if found and found.get("id") == wanted["id"]:
             return True
@@ -344,7 +372,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                                            f"for a templated dict), got {getattr(self, name)!r:.200}")
         self.output_uri = self.output_uri or default_output(self.meta_path, self.model)
         hook = self._s3_hook()
-        summary_uri = f"{self.output_uri}.summary.json"
+        summary_uri = PartitionLayout(self.output_uri).summary
         started = time.time()
         launched = False
         if not (self.skip_if_existing and self._finished(hook)):
@@ -355,8 +383,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             ti = context["ti"]
             lease = None
             if self._node_rank() <= 0:  # one lease per job: node 0's operator holds it for every node
-                bucket, key = split_s3(self.output_uri)
-                lease = S3Lease(hook.get_conn(), bucket, f"{key}.lease", holder=f"{ti.dag_id}/{ti.run_id}/"
+                bucket, key = split_s3(PartitionLayout(self.output_uri).lease)
+                lease = S3Lease(hook.get_conn(), bucket, key, holder=f"{ti.dag_id}/{ti.run_id}/"
                                 f"{ti.task_id}/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl,
                                 on_lost=self._lease_lost)
                 try:
@@ -426,24 +454,19 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                 "empty": sum(1 for r in ok if not (r.get("text") or "").strip())}
 
     def _result(self, hook, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
+        """The task's XCom: the partition's counts from the summary, and this try's figures (``stats.merge`` of
+        the ranks this try started; ``output_tokens_per_row`` is kept as this try's, the same figure as
+        ``attempt_output_tokens_per_row``; ``partition_output_tokens_per_row`` is the summary's)."""
+        from captioning_core import stats
+
         summary = self._summary(hook, summary_uri)
-        this_try = [s for s in summary.get("ranks", []) if launched and s.get("started_at", 0) >= started]
-        skipped = sum(s.get("rows_skipped", 0) for s in this_try) if launched else summary["rows"]
-        wall = sum(s.get("wall_seconds", 0.0) for s in this_try)
-        busy = sum(s.get("busy_seconds", 0.0) for s in this_try)
-        decoded = sum(s.get("rows_processed", 0) for s in this_try)
-        tokens = sum(s.get("output_tokens", 0) for s in this_try)
-        generated = sum(s.get("captioned", 0) for s in this_try)
+        this_try = stats.merge(stats.since(summary.get("ranks", []), started) if launched else [], digits=4)
         return {"output": self.output_uri, "rows": summary["rows"], "captioned": summary["captioned"],
-                "failed": summary["failed"], "empty": summary.get("empty", 0), "skipped": skipped,
-                "launched": launched, "model_busy": round(busy / wall, 4) if wall else None,
-                "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in this_try), 4),
-                "decode_seconds_per_row": round(sum(s.get("decode_seconds", 0.0) for s in this_try) / decoded, 4)
-                if decoded else None,
-                "input_wait_seconds": round(sum(s.get("input_wait_seconds", 0.0) for s in this_try), 3),
-                "output_tokens_per_row": round(tokens / generated, 2) if generated else None,
-                "output_tokens_per_second_per_rank": [round(s.get("output_tokens_per_second", 0.0), 2)
-                                                      for s in sorted(this_try, key=lambda s: s["rank"])]}
+                "failed": summary["failed"], "empty": summary.get("empty", 0),
+                "skipped": this_try["skipped"] if launched else summary["rows"], "launched": launched,
+                **{k: v for k, v in this_try.items() if k != "skipped"},
+                "output_tokens_per_row": this_try["attempt_output_tokens_per_row"],
+                "partition_output_tokens_per_row": summary.get("partition_output_tokens_per_row")}
 
     def on_kill(self) -> None:
         """Called by the task runner from its SIGTERM handler (and after execution_timeout): only signals."""

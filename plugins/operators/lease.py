@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from captioning_core import storage
-from captioning_core.lease_fence import LeaseFence
+from captioning_core.lease_fence import LeaseFence, has_expired, lease_age
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,17 @@ class S3Lease:
     # -- the object ----------------------------------------------------------------------------------------
     def _body(self) -> bytes:
         self._seq += 1
-        self._expires = time.time() + self.ttl
+        self._expires = time.monotonic() + self.ttl
+        # ``ttl`` decides expiry, by S3's clock (lease_fence.has_expired); ``expires_at`` is for people reading it
         body = {"token": self.token, "holder": self.holder, "host": socket.gethostname(), "boot_id": boot_id(),
-                "pid": os.getpid(), "pid_start": process_start(os.getpid()), "expires_at": self._expires,
-                "seq": self._seq}
+                "pid": os.getpid(), "pid_start": process_start(os.getpid()), "ttl": self.ttl,
+                "expires_at": time.time() + self.ttl, "seq": self._seq}
         if self._child:
             body["child_pid"], body["child_start"] = self._child
         return json.dumps(body).encode()
 
-    def _read(self) -> tuple[dict, str] | None:
+    def _read(self) -> tuple[dict, float | None, str] | None:
+        """The lease object: body, age by S3's clock, ETag (None when there is none)."""
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
         except Exception as err:
@@ -115,9 +117,12 @@ class S3Lease:
                 return None
             raise
         try:
-            return json.loads(obj["Body"].read()), obj["ETag"]
+            body = json.loads(obj["Body"].read())
         except ValueError:
-            return {"token": "?", "expires_at": 0}, obj["ETag"]
+            body = None
+        if not isinstance(body, dict):
+            body = {"token": "?", "expires_at": 0}  # unreadable: treated as expired
+        return body, lease_age(obj), obj["ETag"]
 
     def _put(self, **condition) -> bool:
         try:
@@ -166,8 +171,8 @@ class S3Lease:
         current = self._read()
         if current is None:
             return self._put(IfNoneMatch="*")
-        body, etag = current
-        if float(body.get("expires_at", 0)) < time.time():
+        body, age, etag = current
+        if has_expired(body, age):
             log.warning("taking over expired lease %s from %s", self.uri, body.get("token"))
             return self._put(IfMatch=etag)
         if self._holder_is_gone(body):
@@ -213,7 +218,7 @@ class S3Lease:
                     return True
                 self._lose("another attempt took the lease over (conditional renewal failed)")
             except Exception as err:  # S3 trouble: keep trying until our own expiry
-                if time.time() < self._expires - 1:
+                if time.monotonic() < self._expires - 1:
                     log.warning("lease renewal failed, retrying: %s", err)
                     return True
                 self._lose(f"could not renew the lease before it expired ({type(err).__name__}: {err})")

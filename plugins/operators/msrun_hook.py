@@ -7,7 +7,7 @@ Process layout (every way a task can die leaves no worker behind):
   supervisor's group SIGTERM leaves it alone, and the hook stops it once the ranks are done;
 - msrun gets ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies if the task process dies (even by SIGKILL);
 - msrun starts each worker in a process group of its own; every rank sets ``PR_SET_PDEATHSIG`` itself
-  (``captioning_core.runtime.die_with_parent``), so workers die with msrun.
+  (``captioning_core.signals.die_with_parent``), so workers die with msrun.
 
 Stopping (``kill()``: on_kill, execution_timeout, a lost lease) only sends signals and returns; it runs in
 the task runner's SIGTERM handler, in the main thread, while ``run()`` is blocked waiting on msrun, so it

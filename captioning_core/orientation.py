@@ -1,7 +1,7 @@
 """How a decoded frame is shown: display orientation (rotation, flips), pixel aspect, and exact RGB conversion.
 
 Phones store portrait video as landscape pixels plus a display matrix (or, in older files, a ``rotate`` tag)
-that says how to turn them; some encoders store non-square pixels (a sample aspect ratio, SAR). Both models
+that says how to turn them; some encoders store non-square pixels (a sample aspect ratio, SAR). Every captioner
 must see the picture as a player shows it, so ``video.read_frames`` returns frames through ``Display.apply``:
 SAR stretch first (it is defined on stored pixels), then the orientation, before any model resizing.
 
