@@ -7,7 +7,7 @@
 MODEL is ``qwen2vl`` or ``qwen2_5vl``.
 
 The compiled side runs the production captioner (``prepare``, ``model_inputs``, ``setup`` and ``generate`` with
-``engine="compiled"``; no mindnlp in that process) on each clip alone (cases ``bs1_<i>``) and on all of them as
+``--engine compiled``; no mindnlp in that process) on each clip alone (cases ``bs1_<i>``) and on all of them as
 one left-padded batch (``batch``), and saves the exact inputs so the other sides see the same tensors. Each side
 writes per case: greedy ids forced to ``STEPS`` tokens (stop ids suppressed), the captioner-style trimmed ids of
 an unforced generate (-1 padded), prefill logits over the real prompt positions, the vision tower's merged
@@ -53,11 +53,12 @@ def _real_logits(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate([logits[b, mask[b] == 1] for b in range(len(mask))]).astype(np.float32)
 
 
-def _config(model: str, model_dir: str):
+def _config(model: str, model_dir: str, engine: str):
     from captioning_core.config import RunConfig
 
     return RunConfig(meta_path="parity.csv", model=model, pretrained_model_name_or_path=model_dir,
-                     max_new_tokens=STEPS, device_target="CPU", dtype="float32", model_options=OPTIONS)
+                     max_new_tokens=STEPS, device_target="CPU", dtype="float32", engine=engine,
+                     model_options=OPTIONS)
 
 
 def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) -> None:
@@ -66,7 +67,7 @@ def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) ->
     from captioning_core.models import captioner_class
 
     keys = _keys(model)
-    cap = captioner_class(model)(_config(model, model_dir), engine="compiled")
+    cap = captioner_class(model)(_config(model, model_dir, "compiled"))
     cap.setup_preprocessing()
     items = [cap.prepare(c) for c in clips]
     cap.setup()

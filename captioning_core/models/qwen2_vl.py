@@ -165,20 +165,12 @@ class Qwen2VLCaptioner(Captioner):
     model_class: str = "Qwen2VLForConditionalGeneration"
     options_cls = Qwen2VLOptions
 
-    #: whether the compiled engine (captioning_core.engine) implements this model (Qwen2-VL, Qwen2.5-VL)
-    compiled_engine: bool = True
-    engine: str = "eager"
-    compiled = None  # the compiled engine, set by setup() when engine == "compiled"
+    #: the compiled engine (captioning_core.engine) implements Qwen2-VL and Qwen2.5-VL (not Qwen3-VL yet)
+    engines = ("eager", "compiled")
+    compiled = None  # the compiled engine, set by setup() when cfg.engine == "compiled"
 
-    def __init__(self, cfg: RunConfig, engine: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        #: "eager" (mindnlp, the reference) or "compiled" (MindSpore graphs); a RunConfig ``engine`` field, once
-        #: it exists, is the default
-        self.engine = engine or getattr(cfg, "engine", None) or "eager"
-        if self.engine not in ("eager", "compiled"):
-            raise ValueError(f"engine must be 'eager' or 'compiled', got {self.engine!r}")
-        if self.engine == "compiled" and not self.compiled_engine:
-            raise ValueError(f"{self.name}: no compiled engine yet (use engine='eager')")
         self.opts = self.options_cls(**cfg.model_options)
         self.patch = PatchConfig.from_model_dir(self.model_dir) if os.path.isdir(self.model_dir) else PatchConfig()
         if self.opts.max_video_tokens is None:
@@ -194,7 +186,7 @@ class Qwen2VLCaptioner(Captioner):
 
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
-        if self.engine == "compiled":
+        if self.cfg.engine == "compiled":
             from captioning_core.engine.qwen2vl import CompiledQwen2VL
 
             self.setup_prompt()
