@@ -45,8 +45,11 @@ def config_from_args(model: str, args: argparse.Namespace) -> RunConfig:
     """The run configuration of parsed arguments; a bad value raises ValueError (the model's options first)."""
     from captioning_core.models import captioner_class
 
-    model_options = captioner_class(model).options_from_args(args)
-    return RunConfig(model=model, **options.values(RunConfig, args), model_options=model_options)
+    captioner = captioner_class(model)
+    model_options = captioner.options_from_args(args)
+    cfg = RunConfig(model=model, **options.values(RunConfig, args), model_options=model_options)
+    captioner.check_engine(cfg.engine)  # here too, so the operator refuses the argv before launching msrun
+    return cfg
 
 
 def owned_options() -> frozenset[str]:

@@ -13,6 +13,7 @@ from captioning_core.options import CHECKPOINT, DTYPE, GENERATION, PROMPT, SPEED
 DEVICE_TARGETS = ("Ascend", "CPU")
 GATHER_MODES = ("none", "allgather")
 DTYPES = ("float32", "float16", "bfloat16")
+ENGINES = ("eager", "compiled")
 
 
 @dataclass
@@ -47,6 +48,13 @@ class RunConfig:
                                 help="MindSpore device: Ascend, or CPU on machines without NPUs")
     dtype: str | None = option(None, role=DTYPE, choices=DTYPES,
                                help="weights dtype (default float16 on Ascend, float32 on CPU)")
+    # speed-only: the compiled engine's greedy tokens equal eager mindnlp's and PyTorch's on every parity case
+    # (tests/test_engine_qwen2vl.py) and the caption script's captions are equal (tests/test_engine_cli.py)
+    engine: str = option("eager", role=SPEED, choices=ENGINES, model_default="default_engine",
+                         help="how the model runs: 'eager' (mindnlp on MindSpore PyNative, the reference) or "
+                              "'compiled' (MindSpore graphs, captioning_core.engine: Qwen2-VL and Qwen2.5-VL "
+                              "only; refused for a model without one). Speed-only: both give the same greedy "
+                              "tokens")
     gather: str = option("none", role=SPEED, choices=GATHER_MODES,
                          help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")
     pad_length: int = option(4096, help="token-id row width for --gather allgather", role=SPEED)
@@ -85,6 +93,8 @@ class RunConfig:
             self.dtype = "float16" if self.device_target == "Ascend" else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.gather not in GATHER_MODES:
             raise ValueError(f"--gather must be one of {GATHER_MODES}, got {self.gather!r}")
         if self.bs is not None and int(self.bs) < 1:

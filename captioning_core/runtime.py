@@ -55,6 +55,32 @@ def import_mindnlp() -> None:
             sys.modules.setdefault(name, _NotLoaded(name))
     import mindnlp  # noqa: F401
 
+    _honour_tensor_dtype()
+
+
+def _honour_tensor_dtype() -> None:
+    """``torch.tensor``/``torch.as_tensor`` of a tensor with a ``dtype`` convert it, as in PyTorch.
+
+    mindtorch's ``tensor(data, dtype=...)`` ignores ``dtype`` when ``data`` is already a tensor, and its
+    ``as_tensor`` goes through it. transformers relies on that conversion: Qwen2.5-VL's ``get_rope_index``
+    casts each video's ``second_per_grid_t`` to int64 with ``torch.as_tensor`` before scaling its temporal
+    positions, so under unpatched mindnlp a clip sampled at 4 fps (0.5 s per group) got positions 0, 1, ...
+    where transformers on PyTorch gives 0, 0, ..., and different captions (tests/test_engine_qwen2vl.py).
+    Idempotent."""
+    import mindtorch
+
+    original = mindtorch.tensor
+    if getattr(original, "honours_dtype", False):
+        return
+
+    def tensor(data, *, dtype=None, device=None, requires_grad=False):
+        if dtype is not None and isinstance(data, mindtorch.Tensor) and data.dtype != dtype:
+            data = data.to(dtype)
+        return original(data, dtype=dtype, device=device, requires_grad=requires_grad)
+
+    tensor.honours_dtype = True
+    mindtorch.tensor = tensor
+
 
 def torch_dtype(name: str):
     import torch  # mindtorch once mindnlp is imported

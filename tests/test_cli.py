@@ -21,7 +21,8 @@ CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "
            "pad_length": "512", "max_row_attempts": "5", "video_root": "s3://b/v", "allowed_roots": "s3://b/",
            "prefetch_workers": "4", "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336",
            "fps": "3", "min_pixels": "6272", "max_video_tokens": "9000", "prefetch_bytes": "1000000",
-           "journal_flush_rows": "7", "journal_flush_seconds": "3", "max_consecutive_errors": "2"}
+           "journal_flush_rows": "7", "journal_flush_seconds": "3", "max_consecutive_errors": "2",
+           "engine": "compiled"}
 
 
 def test_help_lists_the_seed_arguments():

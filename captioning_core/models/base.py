@@ -28,14 +28,25 @@ class Captioner(ABC):
     #: the dataclass of this model's own options, one ``options.option`` field each (the CLI's arguments,
     #: defaults and fingerprint roles come from it), if it has any
     options_cls: ClassVar[type | None] = None
+    #: the ``--engine`` values this captioner runs ("compiled": captioning_core.engine), and its default
+    engines: ClassVar[tuple[str, ...]] = ("eager",)
+    default_engine: ClassVar[str] = "eager"
     #: files a local model directory must hold, checked before loading
     required_files: ClassVar[tuple[str, ...]] = ("config.json",)
 
     def __init__(self, cfg: RunConfig) -> None:
+        self.check_engine(cfg.engine)
         self.cfg = cfg
         self.model_dir = cfg.pretrained_model_name_or_path
         self.model = None  # set by setup()
         self.tokenizer = None  # set by setup(); the runner checks it to know whether setup ran
+
+    @classmethod
+    def check_engine(cls, engine: str) -> None:
+        """Refuse an engine this captioner does not have, rather than run another one in its place."""
+        if engine not in cls.engines:
+            raise ValueError(f"--engine {engine}: {cls.name} has no {engine} engine (it runs "
+                             f"{', '.join(cls.engines)}); the compiled engine exists for qwen2vl and qwen2_5vl")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

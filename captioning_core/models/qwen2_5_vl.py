@@ -9,7 +9,8 @@ processor does from qwen-vl-utils' sampling rate.
 Known upstream behaviour, kept for parity with the reference: transformers 4.57.1 casts ``second_per_grid_t``
 to the integer dtype of its position range before multiplying (``get_rope_index``), so a video sampled faster
 than ``temporal_patch_size`` frames per second gets every temporal group at the same position. Sampling at
-the default 2 fps keeps it at 1 s per group for clips whose rate divides evenly.
+the default 2 fps keeps it at 1 s per group for clips whose rate divides evenly. Under mindnlp that cast only
+happens with ``runtime``'s dtype fix for mindtorch's ``as_tensor`` (without it a 0.5 s group counted as 1).
 """
 
 from __future__ import annotations

@@ -165,6 +165,10 @@ class Qwen2VLCaptioner(Captioner):
     model_class: str = "Qwen2VLForConditionalGeneration"
     options_cls = Qwen2VLOptions
 
+    #: the compiled engine (captioning_core.engine) implements Qwen2-VL and Qwen2.5-VL (not Qwen3-VL yet)
+    engines = ("eager", "compiled")
+    compiled = None  # the compiled engine, set by setup() when cfg.engine == "compiled"
+
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.opts = self.options_cls(**cfg.model_options)
@@ -182,6 +186,14 @@ class Qwen2VLCaptioner(Captioner):
 
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
+        if self.cfg.engine == "compiled":
+            from captioning_core.engine.qwen2vl import CompiledQwen2VL
+
+            self.setup_prompt()
+            self.compiled = CompiledQwen2VL.from_pretrained(self.model_dir, self.cfg.dtype, self.cfg.device_target)
+            log.info("loaded %s into the compiled engine (%s, %s)", self.model_dir, self.cfg.device_target,
+                     self.cfg.dtype)
+            return
         runtime.import_mindnlp()
         from mindnlp import transformers
 
@@ -238,9 +250,12 @@ class Qwen2VLCaptioner(Captioner):
                 "video_grid_thw": np.asarray([b.grid_thw for b in batch], dtype=int_dtype)}
 
     def generate(self, batch: list[PreparedVideo]) -> list[list[int]]:
+        arrays = self.model_inputs(batch)
+        if self.compiled is not None:
+            rows = self.compiled.generate(arrays, self.cfg.max_new_tokens, eos_ids=self.compiled.eos_ids)
+            return [trim_generated(row, self.stop_ids) for row in rows]
         import torch  # mindtorch under mindnlp
 
-        arrays = self.model_inputs(batch)
         inputs = {name: torch.tensor(value) for name, value in arrays.items()}
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(runtime.torch_dtype(self.cfg.dtype))
         with torch.no_grad():
@@ -252,8 +267,11 @@ class Qwen2VLCaptioner(Captioner):
     @property
     def stop_ids(self) -> set[int]:
         ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if self.compiled is not None:
+            ids.update(self.compiled.eos_ids)
+        else:
+            gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+            ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         return {i for i in ids if i is not None}
 
     def decode(self, token_ids: list[int]) -> str:

@@ -307,6 +307,7 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
     default_model_dir = "pretrained_models/Qwen3-VL-8B-Instruct"
     model_class = "Qwen3VLForConditionalGeneration"
     options_cls = Qwen3VLOptions
+    engines = ("eager",)  # no compiled engine for Qwen3-VL yet (q/k norm, interleaved M-RoPE, DeepStack)
 
     def __init__(self, cfg: RunConfig) -> None:
         Captioner.__init__(self, cfg)
