@@ -16,7 +16,12 @@ import pytest
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="pytest-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-from testkit.clips import ClipSpec, broken_set, standard_set
+from testkit.airflow_env import AirflowEnv
+from testkit.clips import ClipSpec, broken_set, ensure_clip, standard_set
+from testkit.demo_clips import PARTITION_SPECS
+from testkit.drill_dag import DAGS
+from testkit.partition import mixed_partition
+from testkit.paths import REPO, TINY_QWEN2VL
 from testkit.pgserver import PostgresServer
 from testkit.ports import free_port
 from testkit.s3server import SeaweedS3
@@ -103,9 +108,34 @@ def broken_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return broken_set(tmp_path_factory.mktemp("broken"))
 
 
+@pytest.fixture(scope="module")
+def partition_clips(tmp_path_factory: pytest.TempPathFactory, broken_clips: dict[str, Path]
+                    ) -> list[tuple[Path, ClipSpec | None, str]]:
+    """The mixed partition the msrun tests caption: every demo partition clip, broken files interleaved."""
+    return mixed_partition(tmp_path_factory.mktemp("partition-clips"), broken_clips)
+
+
+# -- Airflow drills (testkit/drill_dag.py) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drill_clips(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, ClipSpec, str]]:
+    """The first six demo partition clips, all good: what the drill DAG captions."""
+    directory = tmp_path_factory.mktemp("drill-clips")
+    return [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
+
+
+@pytest.fixture
+def make_drill_env(s3_server: SeaweedS3, tmp_path: Path):
+    """A migrated Airflow home (SQLite) loading only the drill DAG; one per simulated scheduler."""
+
+    def make(name: str = "airflow", **extra: str) -> AirflowEnv:
+        env = AirflowEnv(tmp_path / name, s3_server.env(), "postgresql://unused", extra=extra, dags_folder=DAGS)
+        env.migrate()
+        return env
+
+    return make
+
+
 # -- msrun -------------------------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
-TINY_QWEN2VL = REPO / "tiny_models" / "qwen2vl"
 
 
 class MsrunResult:

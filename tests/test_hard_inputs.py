@@ -10,8 +10,9 @@ import pytest
 from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, context_video_tokens, sample_frames
 from testkit.airflow_env import TINY_QWEN2VL
 from testkit.clips import ClipSpec, ensure_clip
+from testkit.outputs import read_csv_from_s3
 from testkit.partition import upload_partition
-from tests.test_caption_msrun import TINY_ARGS, read_csv_from_s3
+from testkit.profile import TINY_ARGS
 
 UHD = ClipSpec("blue", "right", "square", 3840, 2160, 30, 1.0, 30)
 LONG = ClipSpec("yellow", "up", "circle", 320, 240, 25, 600.0, 250)  # 15,000 frames
