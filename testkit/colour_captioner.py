@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 from captioning_core.config import RunConfig
 from captioning_core.models.base import Captioner
-from captioning_core.models.qwen2_vl import Qwen2VLOptions, sample_frames
+from captioning_core.models.qwen2_vl import sample_frames
 from testkit.clips import COLORS
 from testkit.partition import Row
+from testkit.profile import TINY
 
 WORDS = list(COLORS)
 
@@ -25,7 +26,7 @@ class ColourCaptioner(Captioner):
     generate_calls: list[int] = []
 
     def prepare(self, local_path: str) -> SimpleNamespace:
-        frames = sample_frames(local_path, Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136))
+        frames = sample_frames(local_path, TINY.qwen2vl_options())
         lit = frames.reshape(-1, 3)[frames.reshape(-1, 3).max(axis=1) > 128].astype(int)
         rgb = tuple(int(v > 128) for v in lit.mean(axis=0))
         colour = {(1, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 3}[rgb]

@@ -18,7 +18,7 @@ from testkit.clips import ClipSpec, ensure_clip
 from testkit.outputs import assert_row_captions, read_csv_from_s3
 from testkit.partition import meta_csv, upload_partition
 from testkit.paths import REPO, TINY_QWEN2VL
-from testkit.profile import TINY_ARGS
+from testkit.profile import TINY, TINY_ARGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 OUT = "meta_caption_qwen2vl.csv"
@@ -194,10 +194,10 @@ SPARSE = ["--fps", "0.05"]
 
 def test_prefetch_never_holds_more_than_its_byte_budget(s3_server, s3_bucket, tmp_path_factory, run_msrun,
                                                         tmp_path):
-    from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, sample_frames
+    from captioning_core.models.qwen2_vl import PatchConfig, sample_frames
 
     clip = ensure_clip(UHD_LONG, tmp_path_factory.mktemp("uhd-long"))
-    frames = sample_frames(str(clip), Qwen2VLOptions(height=112, width=112, fps=0.05, min_pixels=3136),
+    frames = sample_frames(str(clip), TINY.qwen2vl_options(fps=0.05),
                            PatchConfig.from_model_dir(str(TINY_QWEN2VL)))
     item = frames.nbytes  # the prepared tensor is about this size (float32 patches of these uint8 frames x4)
     budget = 6 * item  # fits one prepared item (~4 x the frames' bytes), not two

@@ -240,8 +240,9 @@ from captioning_core import runtime
 runtime.setup_device("CPU")
 from captioning_core.config import RunConfig
 from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
+from testkit.profile import TINY
 cfg = RunConfig(meta_path="m.csv", model="qwen2vl", pretrained_model_name_or_path=sys.argv[1], device_target="CPU",
-                model_options={"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136})
+                model_options=TINY.model_options())
 cap = Qwen2VLCaptioner(cfg)
 cap.setup()
 items = [cap.prepare(path) for path in sys.argv[2:]]
