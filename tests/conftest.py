@@ -160,19 +160,24 @@ class MsrunResult:
 
 @pytest.fixture
 def run_msrun(s3_server: SeaweedS3):
-    """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server."""
+    """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server.
+
+    The msrun argv is the operator's (``MsrunHook.build_argv``), so the tests launch what production launches;
+    the environment is this process's plus the S3 server's (the hook's allow-list is tested on its own)."""
 
     def run(meta: str, *args: str, log_dir: Path, env: dict[str, str] | None = None, workers: int = 2,
             model_dir: Path = TINY_QWEN2VL, script: str = "caption_qwen2vl.py", model: str | None = None,
             timeout: float = 600) -> MsrunResult:
+        from operators.msrun_hook import MsrunHook, MsrunSpec
+
         if not (model_dir / "config.json").exists():
             pytest.fail(f"tiny model missing at {model_dir}: run `make train-tiny`", pytrace=False)
-        msrun = Path(sys.executable).with_name("msrun")
-        argv = [str(msrun), f"--worker_num={workers}", f"--local_worker_num={workers}", "--join=True",
-                f"--log_dir={log_dir}", f"--master_port={free_port()}",
-                str(REPO / "captioning_core" / script), *([model] if model else []), meta,
-                "--pretrained_model_name_or_path", str(model_dir),
-                *args]
+        spec = MsrunSpec(script=str(REPO / "captioning_core" / script),
+                         script_args=[*([model] if model else []), meta,
+                                      "--pretrained_model_name_or_path", str(model_dir), *args],
+                         log_dir=str(log_dir), worker_num=workers, local_worker_num=workers,
+                         master_port=free_port())
+        argv = MsrunHook(spec, python=sys.executable).build_argv()
         full_env = {**os.environ, **s3_server.env(), **(env or {})}
         # msrun starts each rank as plain `python`: it must be this venv's interpreter.
         full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
