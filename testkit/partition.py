@@ -7,9 +7,12 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from testkit.clips import ClipSpec
+from testkit.clips import ClipSpec, ensure_clip
+from testkit.demo_clips import PARTITION_SPECS
 
 META_COLUMNS = ("path", "num_frames", "fps", "height", "width", "aes")
+#: the broken files of the mixed partition the msrun tests caption beside every clip of PARTITION_SPECS
+MIXED_BROKEN = ("zero_byte", "truncated", "garbage", "audio_only", "not_video")
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,11 @@ def upload_partition(
     meta_key = f"{prefix}/meta.csv"
     client.put_object(Bucket=bucket, Key=meta_key, Body=meta_csv(rows))
     return f"s3://{bucket}/{meta_key}", rows
+
+
+def mixed_partition(directory: Path, broken: dict[str, Path]) -> list[tuple[Path, ClipSpec | None, str]]:
+    """(file, spec or None, kind) of every PARTITION_SPECS clip (rendered into ``directory``) and the
+    MIXED_BROKEN files of ``broken`` (``testkit.clips.broken_set``), interleaved so both ranks get some of each."""
+    clips = [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS]
+    clips += [(broken[kind], None, kind) for kind in MIXED_BROKEN]
+    return clips[:5] + clips[10:12] + clips[5:10] + clips[12:]

@@ -16,7 +16,12 @@ import pytest
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="pytest-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-from testkit.clips import ClipSpec, broken_set, standard_set
+from testkit.airflow_env import AirflowEnv
+from testkit.clips import ClipSpec, broken_set, ensure_clip, standard_set
+from testkit.demo_clips import PARTITION_SPECS
+from testkit.drill_dag import DAGS
+from testkit.partition import mixed_partition
+from testkit.paths import REPO, TINY_QWEN2VL
 from testkit.pgserver import PostgresServer
 from testkit.ports import free_port
 from testkit.s3server import SeaweedS3
@@ -103,9 +108,34 @@ def broken_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return broken_set(tmp_path_factory.mktemp("broken"))
 
 
+@pytest.fixture(scope="module")
+def partition_clips(tmp_path_factory: pytest.TempPathFactory, broken_clips: dict[str, Path]
+                    ) -> list[tuple[Path, ClipSpec | None, str]]:
+    """The mixed partition the msrun tests caption: every demo partition clip, broken files interleaved."""
+    return mixed_partition(tmp_path_factory.mktemp("partition-clips"), broken_clips)
+
+
+# -- Airflow drills (testkit/drill_dag.py) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drill_clips(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, ClipSpec, str]]:
+    """The first six demo partition clips, all good: what the drill DAG captions."""
+    directory = tmp_path_factory.mktemp("drill-clips")
+    return [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
+
+
+@pytest.fixture
+def make_drill_env(s3_server: SeaweedS3, tmp_path: Path):
+    """A migrated Airflow home (SQLite) loading only the drill DAG; one per simulated scheduler."""
+
+    def make(name: str = "airflow", **extra: str) -> AirflowEnv:
+        env = AirflowEnv(tmp_path / name, s3_server.env(), "postgresql://unused", extra=extra, dags_folder=DAGS)
+        env.migrate()
+        return env
+
+    return make
+
+
 # -- msrun -------------------------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
-TINY_QWEN2VL = REPO / "tiny_models" / "qwen2vl"
 
 
 class MsrunResult:
@@ -130,19 +160,24 @@ class MsrunResult:
 
 @pytest.fixture
 def run_msrun(s3_server: SeaweedS3):
-    """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server."""
+    """Run the Qwen2-VL entry script under real msrun with 2 CPU workers against the test S3 server.
+
+    The msrun argv is the operator's (``MsrunHook.build_argv``), so the tests launch what production launches;
+    the environment is this process's plus the S3 server's (the hook's allow-list is tested on its own)."""
 
     def run(meta: str, *args: str, log_dir: Path, env: dict[str, str] | None = None, workers: int = 2,
             model_dir: Path = TINY_QWEN2VL, script: str = "caption_qwen2vl.py", model: str | None = None,
             timeout: float = 600) -> MsrunResult:
+        from operators.msrun_hook import MsrunHook, MsrunSpec
+
         if not (model_dir / "config.json").exists():
             pytest.fail(f"tiny model missing at {model_dir}: run `make train-tiny`", pytrace=False)
-        msrun = Path(sys.executable).with_name("msrun")
-        argv = [str(msrun), f"--worker_num={workers}", f"--local_worker_num={workers}", "--join=True",
-                f"--log_dir={log_dir}", f"--master_port={free_port()}",
-                str(REPO / "captioning_core" / script), *([model] if model else []), meta,
-                "--pretrained_model_name_or_path", str(model_dir),
-                *args]
+        spec = MsrunSpec(script=str(REPO / "captioning_core" / script),
+                         script_args=[*([model] if model else []), meta,
+                                      "--pretrained_model_name_or_path", str(model_dir), *args],
+                         log_dir=str(log_dir), worker_num=workers, local_worker_num=workers,
+                         master_port=free_port())
+        argv = MsrunHook(spec, python=sys.executable).build_argv()
         full_env = {**os.environ, **s3_server.env(), **(env or {})}
         # msrun starts each rank as plain `python`: it must be this venv's interpreter.
         full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])

@@ -1,89 +1,40 @@
 """Reliability and security drills driven through Airflow itself (`airflow dags test`, real msrun, SeaweedFS).
 
-The DAG is tests/airflow_dags/caption_drill.py: one AscendCaptionOperator whose every templated field comes
-from the run's params, so each drill controls the task from outside exactly as a user would.
+The DAG is tests/airflow_dags/caption_drill.py (testkit/drill_dag.py): one AscendCaptionOperator whose every
+templated field comes from the run's params, so each drill controls the task from outside exactly as a user would.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from testkit.airflow_env import TINY_CAPTION_OPTIONS, TINY_QWEN2VL, AirflowEnv
-from testkit.clips import ensure_clip
-from testkit.demo_clips import PARTITION_SPECS
+from testkit.drill_dag import DAG_ID, DATE, drill_conf, rank_lines
+from testkit.outputs import assert_all_captioned, read_output
 from testkit.partition import upload_partition
+from testkit.paths import TINY_QWEN2VL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 
-DAG_ID = "caption_drill"
-DAGS = Path(__file__).resolve().parent / "airflow_dags"
-DATE = "2026-11-21"
 
-
-@pytest.fixture(scope="module")
-def drill_clips(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("drill-clips")
-    return [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
-
-
-@pytest.fixture
-def make_env(s3_server, tmp_path):
-    """A migrated Airflow home (SQLite) loading only the drill DAG; one per simulated scheduler."""
-
-    def make(name: str = "airflow", **extra: str) -> AirflowEnv:
-        env = AirflowEnv(tmp_path / name, s3_server.env(), "postgresql://unused", extra=extra, dags_folder=DAGS)
-        env.migrate()
-        return env
-
-    return make
-
-
-def _conf(meta: str, output: str, **overrides) -> dict:
-    return {"meta_path": meta, "output_uri": output, "caption_options": dict(TINY_CAPTION_OPTIONS), **overrides}
-
-
-def _read_output(client, uri: str) -> pd.DataFrame:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return pd.read_csv(io.BytesIO(body), dtype=str, keep_default_na=False)
-
-
-def _assert_captions(out: pd.DataFrame, rows) -> None:
-    assert out["path"].tolist() == [r.path for r in rows]  # every row once, in input order
-    assert out["caption_status"].tolist() == ["ok"] * len(rows)
-    assert out["text"].tolist() == [r.expected_caption for r in rows]
-
-
-def _rank_lines(root: Path, pattern: str) -> dict[str, list[str]]:
-    """Rank log lines per log directory (one directory per try), for lines containing ``pattern``."""
-    found: dict[str, list[str]] = {}
-    for log in sorted(root.rglob("worker_*.log")):
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if pattern in ln]
-        found.setdefault(log.parent.name, []).extend(lines)
-    return found
-
-
-def test_rank_sigkill_then_the_airflow_retry_resumes(make_env, s3_server, s3_bucket, drill_clips):
+def test_rank_sigkill_then_the_airflow_retry_resumes(make_drill_env, s3_server, s3_bucket, drill_clips):
     """Drill 1: rank 1 SIGKILLs itself in try 1; Airflow retries; try 2 skips every journaled row."""
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "drill-retry", drill_clips)
     output = meta.replace("meta.csv", "captions.csv")
-    env = make_env(CAPTION_FAULTS="sigkill@1:2/try1", CAPTION_RETRIES="1")
-    proc = env.dags_test(DAG_ID, DATE, _conf(meta, output))
+    env = make_drill_env(CAPTION_FAULTS="sigkill@1:2/try1", CAPTION_RETRIES="1")
+    proc = env.dags_test(DAG_ID, DATE, drill_conf(meta, output))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
 
     assert [(t, s) for _, t, s in env.task_tries(DAG_ID, "caption")] == [(1, "failed"), (2, "success")]
-    _assert_captions(_read_output(client, output), rows)
+    assert_all_captioned(read_output(client, output), rows)
 
     # Try 1's ranks: rank 1 was killed after journaling its first batch. Try 2's ranks report how many rows
     # they found done; they captioned only the rest, and the task's XCom says the same.
-    plans = _rank_lines(env.msrun_log_root, "already done")
+    plans = rank_lines(env.msrun_log_root, "already done")
     assert set(plans) == {"try1", "try2"}
     done = sum(int(line.split(" owned, ")[1].split(" already done")[0]) for line in plans["try2"])
     todo = sum(int(line.split("already done, ")[1].split(" to caption")[0]) for line in plans["try2"])
@@ -99,16 +50,16 @@ def test_rank_sigkill_then_the_airflow_retry_resumes(make_env, s3_server, s3_buc
     assert any(tps > 0 for tps in result["output_tokens_per_second_per_rank"])  # a rank may have had none left
 
 
-def test_two_attempts_at_once_give_one_result_and_caption_once(make_env, s3_server, s3_bucket, drill_clips):
+def test_two_attempts_at_once_give_one_result_and_caption_once(make_drill_env, s3_server, s3_bucket, drill_clips):
     """Drill 5: two Airflow deployments run the same partition at the same moment (e.g. a zombie and its
     retry). The lease admits one; the other waits, finds the output, and launches nothing."""
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "drill-twice", drill_clips)
     output = meta.replace("meta.csv", "captions.csv")
     # rank 0 pauses after each batch so the first attempt is surely still running when the second looks
-    envs = [make_env(f"airflow-{i}", CAPTION_FAULTS="slow@0:2") for i in range(2)]
+    envs = [make_drill_env(f"airflow-{i}", CAPTION_FAULTS="slow@0:2") for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda env: env.dags_test(DAG_ID, DATE, _conf(meta, output)), envs))
+        procs = list(pool.map(lambda env: env.dags_test(DAG_ID, DATE, drill_conf(meta, output)), envs))
     for proc in procs:
         assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
 
@@ -122,12 +73,12 @@ def test_two_attempts_at_once_give_one_result_and_caption_once(make_env, s3_serv
     assert "another attempt finished" in waited.stdout + waited.stderr
     msrun_runs = [list(env.msrun_log_root.rglob("worker_0.log")) for env in envs]
     assert [len(runs) for runs in msrun_runs] == [1 if env in launched else 0 for env in envs]
-    _assert_captions(_read_output(client, output), rows)
+    assert_all_captioned(read_output(client, output), rows)
     assert not list(client.list_objects_v2(Bucket=s3_bucket, Prefix="drill-twice/captions.csv.lease")
                     .get("Contents", []))  # released
 
 
-def test_shell_metacharacters_arrive_literally_at_the_ranks(make_env, s3_server, s3_bucket, drill_clips,
+def test_shell_metacharacters_arrive_literally_at_the_ranks(make_drill_env, s3_server, s3_bucket, drill_clips,
                                                              tmp_path):
     """Security: shell syntax in every templated value reaches the ranks as plain characters."""
     canary = tmp_path / "canary"
@@ -144,19 +95,19 @@ def test_shell_metacharacters_arrive_literally_at_the_ranks(make_env, s3_server,
     meta, rows = upload_partition(client, s3_bucket, f"drill-shell/{shelly}", clips)
     output = f"s3://{s3_bucket}/drill-shell/out {shelly}.csv"
     question = f"Describe the video in details {shelly}"
-    conf = _conf(meta, output, model_dir=str(model_dir), env={"CAPTION_DRILL_NOTE": shelly})
+    conf = drill_conf(meta, output, model_dir=str(model_dir), env={"CAPTION_DRILL_NOTE": shelly})
     conf["caption_options"]["question"] = question
 
-    env = make_env()
+    env = make_drill_env()
     with _ArgvSampler() as argvs:
         proc = env.dags_test(DAG_ID, DATE, conf)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    out = _read_output(client, output)  # the output landed at exactly the templated key
+    out = read_output(client, output)  # the output landed at exactly the templated key
     assert out["path"].tolist() == [r.path for r in rows]
     assert out["caption_status"].tolist() == ["ok"] * len(rows)
 
     settings = [json.loads(line.split(" settings ", 1)[1])
-                for lines in _rank_lines(env.msrun_log_root, " settings ").values() for line in lines]
+                for lines in rank_lines(env.msrun_log_root, " settings ").values() for line in lines]
     assert len(settings) == 2  # both ranks
     for seen in settings:
         cfg = seen["config"]
@@ -210,7 +161,7 @@ class _ArgvSampler:
         self._thread.join()
 
 
-def test_bad_partition_or_model_dir_fails_up_front_without_msrun(make_env, s3_server, s3_bucket, drill_clips,
+def test_bad_partition_or_model_dir_fails_up_front_without_msrun(make_drill_env, s3_server, s3_bucket, drill_clips,
                                                                   tmp_path):
     """A meta CSV without `path`, or an incomplete model dir, fails the task at once (no retry, no msrun),
     naming the problem in the task log."""
@@ -220,10 +171,10 @@ def test_bad_partition_or_model_dir_fails_up_front_without_msrun(make_env, s3_se
     incomplete = tmp_path / "incomplete-model"
     incomplete.mkdir()
     (incomplete / "config.json").write_text((TINY_QWEN2VL / "config.json").read_text())
-    env = make_env(CAPTION_RETRIES="2")
+    env = make_drill_env(CAPTION_RETRIES="2")
     cases = [
-        (_conf(f"s3://{s3_bucket}/drill-bad/nopath.csv", f"s3://{s3_bucket}/drill-bad/out-a.csv"), "no 'path' column"),
-        (_conf(meta, f"s3://{s3_bucket}/drill-bad/out-b.csv", model_dir=str(incomplete)),
+        (drill_conf(f"s3://{s3_bucket}/drill-bad/nopath.csv", f"s3://{s3_bucket}/drill-bad/out-a.csv"), "no 'path' column"),
+        (drill_conf(meta, f"s3://{s3_bucket}/drill-bad/out-b.csv", model_dir=str(incomplete)),
          "is incomplete; missing: model weights (*.safetensors), tokenizer"),
     ]
     for conf, message in cases:

@@ -16,22 +16,15 @@ import json
 
 import pytest
 
+from testkit.drill_dag import DAG_ID, DATE, drill_conf
+from testkit.outputs import assert_all_captioned, read_output
 from testkit.partition import upload_partition
-from tests.test_airflow_drills import (
-    DAG_ID,
-    DATE,
-    _assert_captions,
-    _conf,
-    _read_output,
-    drill_clips,  # noqa: F401 - fixture
-    make_env,  # noqa: F401 - fixture
-)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 
 
-def test_a_recaption_killed_mid_publish_is_finished_by_the_retry(make_env, s3_server, s3_bucket,  # noqa: F811
-                                                                  drill_clips):  # noqa: F811
+def test_a_recaption_killed_mid_publish_is_finished_by_the_retry(make_drill_env, s3_server, s3_bucket,
+                                                                  drill_clips):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "drill-recaption", drill_clips[:4])
     output = meta.replace("meta.csv", "captions.csv")
@@ -40,19 +33,19 @@ def test_a_recaption_killed_mid_publish_is_finished_by_the_retry(make_env, s3_se
     meta_key = meta[len(f"s3://{s3_bucket}/"):]
     body = client.get_object(Bucket=s3_bucket, Key=meta_key)["Body"].read()
     client.put_object(Bucket=s3_bucket, Key=meta_key, Body=b"\xef\xbb\xbf" + body)
-    first = make_env("first").dags_test(DAG_ID, DATE, _conf(meta, output))
+    first = make_drill_env("first").dags_test(DAG_ID, DATE, drill_conf(meta, output))
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
-    old = _read_output(client, output)
-    _assert_captions(old, rows)
+    old = read_output(client, output)
+    assert_all_captioned(old, rows)
 
-    conf = _conf(meta, output, recaption=True)
+    conf = drill_conf(meta, output, recaption=True)
     conf["caption_options"]["max_new_tokens"] = 3  # the new settings: visibly shorter captions
-    env = make_env("recaption", CAPTION_FAULTS="crash_publish@*/try1", CAPTION_RETRIES="1")
+    env = make_drill_env("recaption", CAPTION_FAULTS="crash_publish@*/try1", CAPTION_RETRIES="1")
     proc = env.dags_test(DAG_ID, DATE, conf)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert [(t, s) for _, t, s in env.task_tries(DAG_ID, "caption")] == [(1, "failed"), (2, "success")]
 
-    new = _read_output(client, output)
+    new = read_output(client, output)
     assert new["path"].tolist() == [r.path for r in rows] and set(new["caption_status"]) == {"ok"}
     assert all(len(n.split()) < len(o.split()) for n, o in zip(new["text"], old["text"], strict=True))
     bucket, key = s3_bucket, output[len(f"s3://{s3_bucket}/"):]

@@ -20,14 +20,15 @@ import pytest
 from testkit.clips import ensure_clip
 from testkit.demo_clips import MIXED_DURATION_SPECS, PARTITION_SPECS
 from testkit.partition import Row, meta_csv
+from testkit.profile import TINY
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = PARTITION_SPECS[:8]  # 240p to 720p, portrait and landscape, 1-3 s, 24-30 fps
 MODEL_ARGS = {
-    "qwen2vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
-    "qwen2_5vl": ["--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136"],
+    "qwen2vl": TINY.args(),
+    "qwen2_5vl": TINY.args(),
     "qwen3vl": [],  # the checkpoint's video processor settings, which it was trained with
     "pllava": ["--pooling_shape", "4-4-4"],  # what the tiny PLLaVA was trained with
 }

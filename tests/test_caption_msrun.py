@@ -2,60 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from testkit.clips import ensure_clip
-from testkit.demo_clips import PARTITION_SPECS
-from testkit.partition import upload_partition
+from testkit.outputs import assert_row_captions, read_csv_from_s3
+from testkit.partition import MIXED_BROKEN, upload_partition
+from testkit.paths import TINY_MODELS
 from testkit.process import wait_for
+from testkit.profile import TINY_ARGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 
-TINY_ARGS = [
-    "--device_target",
-    "CPU",
-    "--height",
-    "112",
-    "--width",
-    "112",
-    "--fps",
-    "2",
-    "--min_pixels",
-    "3136",
-    "--max_new_tokens",
-    "12",
-    "--log_every",
-    "0",
-]
-
 # The tiny Qwen3-VL's own video_preprocessor_config.json holds its small pixel budget: no size options.
 QWEN3_ARGS = ["--device_target", "CPU", "--max_new_tokens", "12", "--log_every", "0"]
-TINY_QWEN3VL = Path(__file__).resolve().parents[1] / "tiny_models" / "qwen3vl"
-
-GOOD = list(PARTITION_SPECS)
-BROKEN = ["zero_byte", "truncated", "garbage", "audio_only", "not_video"]
-
-
-@pytest.fixture(scope="module")
-def partition_clips(tmp_path_factory, broken_clips):
-    directory = tmp_path_factory.mktemp("partition-clips")
-    clips = [(ensure_clip(spec, directory), spec, "good") for spec in GOOD]
-    clips += [(broken_clips[kind], None, kind) for kind in BROKEN]
-    # interleave good and broken rows so both ranks get some of each
-    return clips[:5] + clips[10:12] + clips[5:10] + clips[12:]
-
-
-def read_csv_from_s3(client, uri: str):
-    import pandas as pd
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return pd.read_csv(io.BytesIO(body), dtype=str, keep_default_na=False), body
+TINY_QWEN3VL = TINY_MODELS / "qwen3vl"
 
 
 @pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
@@ -83,7 +45,7 @@ def test_partition_on_s3_under_msrun(model, s3_server, s3_bucket, partition_clip
             Bucket=s3_bucket, Key=f"day=2026-11-22/part-0/meta_caption_{model}.csv.summary.json"
         )["Body"].read()
     )
-    assert summary["rows"] == len(rows) and summary["failed"] == len(BROKEN)
+    assert summary["rows"] == len(rows) and summary["failed"] == len(MIXED_BROKEN)
     assert {s["rank"] for s in summary["ranks"]} == {0, 1}
     logs = result.rank_logs()
     assert any("progress rank 0/2" in line and "ETA" in line for line in logs[0])
@@ -119,7 +81,7 @@ def test_sigkilled_rank_resumes_without_loss_or_recompute(
     assert second.returncode == 0, second.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
     assert out["path"].tolist() == [r.path for r in rows]  # nothing lost, nothing duplicated
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)
     summary = json.loads(
         client.get_object(Bucket=s3_bucket, Key="part-kill/meta_caption_qwen2vl.csv.summary.json")[
             "Body"
@@ -148,13 +110,6 @@ def _wait_for_ranks_to_exit(meta: str, timeout: float = 120) -> None:
     raise AssertionError(f"caption ranks on {meta} still running after {timeout}s: {alive}")
 
 
-def _assert_captions(out, rows) -> None:
-    """Good clips captioned with what they show; broken ones failed with no text."""
-    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
-        expected = ("ok", row.expected_caption) if row.spec else ("failed", "")
-        assert (got["caption_status"], got["text"]) == expected
-
-
 def _exists(client, bucket: str, key: str) -> bool:
     return client.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0 and any(
         o["Key"] == key for o in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]
@@ -179,7 +134,7 @@ def test_seed_allgather_path(s3_server, s3_bucket, partition_clips, run_msrun, t
     result = run_msrun(meta, *TINY_ARGS, "--gather", "allgather", "--pad_length", "64", log_dir=tmp_path / "log")
     assert result.returncode == 0, result.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)
     logs = result.rank_logs()
     assert any("published" in line for line in logs[0])
     assert not any("published" in line for line in logs[1])
@@ -241,4 +196,4 @@ def test_s3_outage_mid_run_under_msrun_is_ridden_out(s3_server, s3_bucket, parti
     client = s3_server.client()
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", "meta_caption_qwen2vl.csv"))
     assert out["path"].tolist() == [r.path for r in rows]
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)

@@ -12,17 +12,10 @@ from captioning_core import options_doc
 from captioning_core.cli import build_parser, config_from_args
 from captioning_core.config import RunConfig
 from captioning_core.models import CAPTIONERS, captioner_class
+from testkit.option_values import CHANGED
 
 SEED_ARGS = ["--pretrained_model_name_or_path", "--question", "--max_new_tokens", "--height", "--width", "--fps",
              "--bs", "--skip_if_existing", "--output", "--device_target", "--gather", "--pad_length"]
-# a value different from the default for each option, to show it changes the run
-CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "max_new_tokens": "17", "bs": "3", "batch_tokens": "4096",
-           "output": "s3://b/o.csv", "device_target": "CPU", "dtype": "bfloat16", "gather": "allgather",
-           "pad_length": "512", "max_row_attempts": "5", "video_root": "s3://b/v", "allowed_roots": "s3://b/",
-           "prefetch_workers": "4", "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336",
-           "fps": "3", "min_pixels": "6272", "max_video_tokens": "9000", "prefetch_bytes": "1000000",
-           "journal_flush_rows": "7", "journal_flush_seconds": "3", "max_consecutive_errors": "2",
-           "engine": "compiled"}
 
 
 def test_help_lists_the_seed_arguments():

@@ -15,8 +15,9 @@ from captioning_core.faults import FaultPlan
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from operators.lease import LeaseHeldError, S3Lease
+from testkit.colour_captioner import ColourCaptioner, colour_config, expected_statuses
+from testkit.outputs import read_output
 from testkit.partition import upload_partition
-from tests.test_runner import ColourCaptioner, _cfg, _expected, _output
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +86,7 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
     s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "120")
     storage.s3_client.cache_clear()
-    cfg = _cfg(meta)
+    cfg = colour_config(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
     _wait_mid_partition(cfg, thread, box)
     with _outage_until_a_retry(s3_server, 90, "no S3 call failed during the outage"):
@@ -93,8 +94,8 @@ def test_short_s3_outage_is_ridden_out(s3_server, s3_bucket, clips, s3_env):
     thread.join(timeout=180)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert box["stats"].transient == 0, box["stats"]
-    out = _output(s3_server.client(), cfg.output)
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    out = read_output(s3_server.client(), cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
 
 
 def test_a_video_fetch_during_an_outage_waits_for_s3_to_return(s3_server, s3_bucket, s3_env, tmp_path):
@@ -123,7 +124,7 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "2")
     s3_env.setenv("CAPTION_S3_CONNECT_TIMEOUT", "1")
     storage.s3_client.cache_clear()
-    cfg = _cfg(meta)
+    cfg = colour_config(meta)
     thread, box = _run_in_thread(cfg, FaultPlan(sleep_per_batch=0.7))
     _wait_mid_partition(cfg, thread, box)
     s3_server.stop()
@@ -136,8 +137,8 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     assert 0 < done < len(rows)
     stats = RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg)).run()
     assert stats.rows_skipped == done and stats.rows_processed == len(rows) - done
-    out = _output(client, cfg.output)
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    out = read_output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
 
 
 def test_concurrent_publishers_produce_one_consistent_output(s3_server, s3_bucket, s3_env):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from captioning_core import arguments, fingerprint
 from captioning_core.cli import build_parser, config_from_args
-from tests.test_cli import CHANGED
+from testkit.option_values import CHANGED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tiny_models" / "qwen2vl"

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, context_video_tokens, sample_frames
+from captioning_core.models.qwen2_vl import PatchConfig, context_video_tokens, sample_frames
 from testkit.airflow_env import TINY_QWEN2VL
 from testkit.clips import ClipSpec, ensure_clip
+from testkit.outputs import read_csv_from_s3
 from testkit.partition import upload_partition
-from tests.test_caption_msrun import TINY_ARGS, read_csv_from_s3
+from testkit.profile import TINY, TINY_ARGS
 
 UHD = ClipSpec("blue", "right", "square", 3840, 2160, 30, 1.0, 30)
 LONG = ClipSpec("yellow", "up", "circle", 320, 240, 25, 600.0, 250)  # 15,000 frames
@@ -33,16 +34,15 @@ def test_long_video_tokens_stay_within_the_models_context(hard_clips):
     patch = PatchConfig.from_model_dir(str(TINY_QWEN2VL))
     budget = context_video_tokens(str(TINY_QWEN2VL), max_new_tokens=12)
     assert budget == 4096 - 12 - 256
-    loose = Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136)
+    loose = TINY.qwen2vl_options()
     uncapped = sample_frames(str(hard_clips["long"]), loose, patch)
     assert uncapped.shape[0] == 768 and _tokens(uncapped, patch) > 4096
     for cap in (budget, 500, 10):
-        opts = Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136, max_video_tokens=cap)
+        opts = TINY.qwen2vl_options(max_video_tokens=cap)
         frames = sample_frames(str(hard_clips["long"]), opts, patch)
         assert _tokens(frames, patch) <= cap, cap
         assert frames.shape[0] >= 2 and frames.shape[0] % 2 == 0
-    short = sample_frames(str(hard_clips["odd"]), Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136,
-                                                                max_video_tokens=budget), patch)
+    short = sample_frames(str(hard_clips["odd"]), TINY.qwen2vl_options(max_video_tokens=budget), patch)
     assert short.shape == sample_frames(str(hard_clips["odd"]), loose, patch).shape  # short clips: untouched
 
 

@@ -28,6 +28,7 @@ from testkit.clips import ensure_clip
 from testkit.demo_clips import PARTITION_SPECS, SMALL_SPECS
 from testkit.partition import Row, meta_csv, upload_partition
 from testkit.process import alive, wait_for
+from testkit.profile import TINY
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 
@@ -48,7 +49,7 @@ def local_partition(tmp_path):
 
 def _script_args(meta) -> list[str]:
     return [str(meta), "--pretrained_model_name_or_path", str(TINY_QWEN2VL), "--device_target", "CPU",
-            "--height", "112", "--width", "112", "--fps", "2", "--min_pixels", "3136", "--max_new_tokens", "6"]
+            *TINY.args(), "--max_new_tokens", "6"]
 
 
 def _ranks(root_pid: int) -> list[psutil.Process]:

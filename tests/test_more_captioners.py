@@ -16,6 +16,7 @@ from testkit.airflow_env import AirflowEnv
 from testkit.clips import ensure_clip
 from testkit.demo_clips import PARTITION_SPECS
 from testkit.partition import upload_partition
+from testkit.profile import TINY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 
@@ -23,8 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DAGS = Path(__file__).resolve().parent / "airflow_dags"
 SPECS = PARTITION_SPECS[:6]
 # What each tiny model was trained with (Qwen3-VL: its checkpoint's video processor settings).
-OPTIONS = {"qwen2_5vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5, "height": 112, "width": 112,
-                         "fps": 2, "min_pixels": 3136},
+OPTIONS = {"qwen2_5vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5, **TINY.caption_options()},
            "qwen3vl": {"device_target": "CPU", "max_new_tokens": 12, "log_every": 5}}
 
 

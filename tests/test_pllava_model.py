@@ -1,7 +1,7 @@
 """PLLaVA on MindSpore through mindnlp: captions, LoRA, beam search, temperature, released-layout loading.
 
-MindSpore runs in ONE child process (``_driver``) so the test process keeps real PyTorch for the other tests;
-the child loads each model once and answers every scenario, and the tests assert on what it reports.
+MindSpore runs in ONE child process (testkit/pllava_driver.py) so the test process keeps real PyTorch for the
+other tests; the child loads each model once and answers every scenario, and the tests assert on what it reports.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from testkit.clips import ensure_clip
 from testkit.demo_clips import PARTITION_SPECS
+from testkit.pllava_checkpoints import save_released
 
 pytestmark = pytest.mark.integration
 
@@ -46,58 +47,11 @@ def scenarios(random_dir: Path) -> dict[str, dict]:
     }
 
 
-def _driver() -> None:
-    """Child process: read {"clips", "scenarios"} on stdin, print one RESULT line of JSON."""
-    import dataclasses
-    import logging
-    from collections import Counter
-
-    from captioning_core import runtime
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    spec = json.loads(sys.stdin.read())
-    runtime.setup_device("CPU")
-    runtime.import_mindnlp()
-    from transformers.generation.utils import GenerationMixin
-
-    from captioning_core.config import RunConfig
-    from captioning_core.models.pllava import PllavaCaptioner, PllavaOptions
-
-    calls: Counter = Counter()
-    for method in ("_sample", "_beam_search"):  # count which decoding loop HF actually runs
-        original = getattr(GenerationMixin, method)
-
-        def spy(self, *args, _original=original, _method=method, **kwargs):
-            calls[_method] += 1
-            return _original(self, *args, **kwargs)
-
-        setattr(GenerationMixin, method, spy)
-    loaded: dict[str, tuple] = {}
-    results = {}
-    for name, scenario in spec["scenarios"].items():
-        key = json.dumps([scenario["model_dir"], scenario["load"]], sort_keys=True)
-        if key not in loaded:
-            cfg = RunConfig(meta_path="meta.csv", model="pllava", device_target="CPU", max_new_tokens=10,
-                            pretrained_model_name_or_path=scenario["model_dir"], model_options=scenario["load"])
-            captioner = PllavaCaptioner(cfg)
-            captioner.setup()
-            loaded[key] = (captioner, [captioner.prepare(path) for path in spec["clips"]])
-        captioner, items = loaded[key]
-        captioner.opts = PllavaOptions(**{**scenario["load"], **scenario["gen"]})
-        calls.clear()
-        ids = captioner.generate(items)
-        results[name] = {"captions": [captioner.decode(row) for row in ids], "ids": ids, "calls": dict(calls),
-                         "report": dataclasses.asdict(captioner.load_report)}
-    print("RESULT " + json.dumps(results), flush=True)
-
-
 @pytest.fixture(scope="module")
 def random_released(tmp_path_factory) -> Path:
     """A random PLLaVA in the released layout (PEFT-prefixed LM keys, LoRA, shards + index), built with real
     torch here, with the tiny model's tokenizer and a CLIP processor at its 28 px."""
     from transformers import AutoTokenizer, CLIPImageProcessor
-
-    from tests.test_pllava_weights import save_released
 
     directory = tmp_path_factory.mktemp("random-pllava")
     tok = AutoTokenizer.from_pretrained(TINY)
@@ -114,7 +68,7 @@ def random_released(tmp_path_factory) -> Path:
 def results(tmp_path_factory, random_released) -> dict:
     clips = tmp_path_factory.mktemp("pllava-clips")
     request = {"clips": [str(ensure_clip(spec, clips)) for spec in SPECS], "scenarios": scenarios(random_released)}
-    proc = subprocess.run([sys.executable, "-c", "from tests.test_pllava_model import _driver; _driver()"],
+    proc = subprocess.run([sys.executable, "-m", "testkit.pllava_driver"],
                           input=json.dumps(request), cwd=REPO, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from testkit.partition import upload_partition
-from tests import test_caption_msrun as qwen_msrun
+from testkit.outputs import read_csv_from_s3
+from testkit.partition import MIXED_BROKEN, upload_partition
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 
@@ -16,8 +16,6 @@ TINY_PLLAVA = Path(__file__).resolve().parents[1] / "tiny_models" / "pllava"
 TINY_ARGS = ["--device_target", "CPU", "--pooling_shape", "4-4-4", "--max_new_tokens", "12", "--log_every", "0"]
 OUTPUT = "meta_caption_pllava.csv"
 
-# the same partition as the Qwen2-VL test: demo_clips.PARTITION_SPECS interleaved with broken files
-partition_clips = qwen_msrun.partition_clips
 # testkit's truncated file is a blue square moving up, cut to its first third. PLLaVA decodes only 4 frames, all
 # before the cut, and whether decord's threaded decoder trips over the cut packet first is a race: the row fails
 # with the decode error, or gets the caption of what its intact part shows.
@@ -30,7 +28,7 @@ def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_
     result = run_msrun(meta, *TINY_ARGS, "--bs", "2", log_dir=tmp_path / "log", model_dir=TINY_PLLAVA,
                        script="caption_pllava.py")
     assert result.returncode == 0, result.tail
-    out, _ = qwen_msrun.read_csv_from_s3(client, meta.replace("meta.csv", OUTPUT))
+    out, _ = read_csv_from_s3(client, meta.replace("meta.csv", OUTPUT))
     assert out["path"].tolist() == [r.path for r in rows]
     assert out["aes"].tolist() == [f"{i / 7:.6f}" for i in range(len(rows))]  # pass-through untouched
     for row, (_, got) in zip(rows, out.iterrows(), strict=True):
@@ -43,7 +41,7 @@ def test_partition_on_s3_under_msrun(s3_server, s3_bucket, partition_clips, run_
             assert got["caption_error"], row
     summary = json.loads(client.get_object(Bucket=s3_bucket, Key=f"day=2026-11-22/part-0/{OUTPUT}.summary.json")[
         "Body"].read())
-    assert summary["rows"] == len(rows) and summary["failed"] in (len(qwen_msrun.BROKEN) - 1, len(qwen_msrun.BROKEN))
+    assert summary["rows"] == len(rows) and summary["failed"] in (len(MIXED_BROKEN) - 1, len(MIXED_BROKEN))
     assert {s["rank"] for s in summary["ranks"]} == {0, 1}
     logs = result.rank_logs()
     for rank in (0, 1):

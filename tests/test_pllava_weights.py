@@ -1,7 +1,7 @@
 """PLLaVA checkpoints: PLLaVA's published parameter names, both layouts, exact loading, loud failures.
 
 Runs under real PyTorch in the test process (the network module is written against the ``torch`` namespace);
-tests/test_pllava_model.py loads the same kind of checkpoint under mindnlp.
+tests/test_pllava_model.py loads the same kind of checkpoint (testkit/pllava_checkpoints.py) under mindnlp.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-LORA_RANK = 4
+from testkit.pllava_checkpoints import LORA_RANK, build_model, randomise, save_released
+
 # PLLaVA's names (notes MODELS.md A.2) for a 2-layer CLIP tower and a 1-layer Llama, released layout.
 VISION_LAYER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1",
                 "mlp.fc1", "mlp.fc2", "layer_norm2"]
@@ -35,50 +36,6 @@ def released_names(vision_layers: int = 2, lm_layers: int = 1) -> set[str]:
     names |= {lm + "model.embed_tokens.weight", lm + "model.norm.weight", lm + "lm_head.weight"}
     names |= {f"{lm}model.layers.{i}.{k}" for i in range(lm_layers) for k in LM_LAYER}
     return names
-
-
-def build_model(vocab_size: int = 24, image_token_index: int = 23, seed: int = 0):
-    """A small random PllavaModel (real torch): 28 px frames -> 2x2 patches, pooled to (2, 1, 1)."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    from captioning_core.models.pllava_arch import PllavaConfig, PllavaModel
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=16)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0, tie_word_embeddings=False)
-    config = PllavaConfig(vision, text, image_token_index=image_token_index, pooling_shape=(2, 1, 1),
-                          frame_shape=(2, 2), num_frames=2, pad_token_id=0, extra={"register": False})
-    return config, PllavaModel(config)
-
-
-def randomise(model, seed: int, scale: float = 0.5) -> None:
-    """Give every parameter (LoRA B included, which peft starts at zero) distinct random values."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def save_released(directory: Path, vocab_size: int = 24, image_token_index: int = 23, seed: int = 0,
-                  scale: float = 0.5):
-    """A checkpoint like ermu2001/pllava-*: PEFT-prefixed LM keys with LoRA, 3 shards + index, config.json."""
-    from captioning_core.models.pllava_arch import apply_lora
-    from captioning_core.models.pllava_weights import save_checkpoint
-
-    config, model = build_model(vocab_size, image_token_index, seed)
-    apply_lora(model, LORA_RANK, 32)
-    randomise(model, seed, scale)
-    state = model.state_dict()
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    save_checkpoint(state, str(directory), shard_bytes=total // 3 + 1)
-    (directory / "config.json").write_text(json.dumps(config.to_dict()))
-    return config, model
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import pytest
 
 from captioning_core import video
 from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, patchify, sample_frames
+from testkit.profile import TINY
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize(
     "opts",
-    [Qwen2VLOptions(), Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136)],
+    [Qwen2VLOptions(), TINY.qwen2vl_options()],
     ids=["seed-default", "tiny-profile"],
 )
 def test_patchify_matches_hf_image_processor(standard_clips, opts):

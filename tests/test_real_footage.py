@@ -20,6 +20,7 @@ import pytest
 from captioning_core import gallery, orientation, video
 from testkit.clips import ClipSpec, ensure_clip, ffmpeg_exe, render_frames, render_frames_at
 from testkit.footage import stored_frame
+from testkit.profile import TINY_ARGS
 
 pytestmark = pytest.mark.integration
 
@@ -281,8 +282,7 @@ def test_tiny_qwen2vl_captions_the_rotated_demo_clip(footage_dir, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "captioning_core.caption_qwen2vl", str(meta), "--pretrained_model_name_or_path",
-         str(repo / "tiny_models" / "qwen2vl"), "--device_target", "CPU", "--height", "112", "--width", "112",
-         "--fps", "2", "--min_pixels", "3136", "--max_new_tokens", "12", "--log_every", "0"],
+         str(repo / "tiny_models" / "qwen2vl"), *TINY_ARGS],
         capture_output=True, text=True, cwd=repo, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = pd.read_csv(tmp_path / "meta_caption_qwen2vl.csv", dtype=str, keep_default_na=False)

@@ -16,9 +16,10 @@ import json
 import pytest
 
 from captioning_core import arguments
+from testkit.outputs import read_csv_from_s3
 from testkit.partition import upload_partition
-from tests.conftest import TINY_QWEN2VL
-from tests.test_caption_msrun import TINY_ARGS, read_csv_from_s3
+from testkit.paths import TINY_QWEN2VL
+from testkit.profile import TINY_ARGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 OUT = "meta_caption_qwen2vl.csv"

@@ -15,9 +15,10 @@ import pytest
 
 from captioning_core import arguments
 from testkit.clips import ClipSpec, ensure_clip
+from testkit.outputs import assert_row_captions, read_csv_from_s3
 from testkit.partition import meta_csv, upload_partition
-from tests.conftest import REPO, TINY_QWEN2VL
-from tests.test_caption_msrun import TINY_ARGS, _assert_captions, read_csv_from_s3
+from testkit.paths import REPO, TINY_QWEN2VL
+from testkit.profile import TINY, TINY_ARGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.msrun]
 OUT = "meta_caption_qwen2vl.csv"
@@ -73,7 +74,7 @@ def test_wrong_secret_fails_the_attempt_before_any_model_load_and_the_right_one_
 
     out = pd.read_csv(output, dtype=str, keep_default_na=False)
     assert out["path"].tolist() == [r.path for r in rows]
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)
     summary = json.loads((tmp_path / f"{OUT}.summary.json").read_text())
     assert summary["fingerprint"]["id"] == _fp_id()
 
@@ -95,7 +96,7 @@ def test_runtime_fault_in_try_1_is_retried_by_try_2(s3_server, s3_bucket, good_c
                        env={**fault, "AIRFLOW_CTX_TRY_NUMBER": "2"})
     assert second.returncode == 0, second.tail
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", OUT))
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)
     assert set(out["caption_error"]) == {""}
 
 
@@ -157,7 +158,7 @@ def test_crash_between_gallery_and_output_is_completed_by_the_retry(
     assert second.returncode == 0, second.tail
     assert not _loaded_model(second)  # every row was journaled: the retry only publishes
     out, _ = read_csv_from_s3(client, meta.replace("meta.csv", OUT))
-    _assert_captions(out, rows)
+    assert_row_captions(out, rows)
     summary = json.loads(_get(client, s3_bucket, f"commit/{OUT}.summary.json"))
     assert summary["rows"] == len(rows) and summary["captioned"] == len(rows)
     latest = [s for s in summary["ranks"] if s["started_at"] >= started]  # the publisher's, at least
@@ -193,10 +194,10 @@ SPARSE = ["--fps", "0.05"]
 
 def test_prefetch_never_holds_more_than_its_byte_budget(s3_server, s3_bucket, tmp_path_factory, run_msrun,
                                                         tmp_path):
-    from captioning_core.models.qwen2_vl import PatchConfig, Qwen2VLOptions, sample_frames
+    from captioning_core.models.qwen2_vl import PatchConfig, sample_frames
 
     clip = ensure_clip(UHD_LONG, tmp_path_factory.mktemp("uhd-long"))
-    frames = sample_frames(str(clip), Qwen2VLOptions(height=112, width=112, fps=0.05, min_pixels=3136),
+    frames = sample_frames(str(clip), TINY.qwen2vl_options(fps=0.05),
                            PatchConfig.from_model_dir(str(TINY_QWEN2VL)))
     item = frames.nbytes  # the prepared tensor is about this size (float32 patches of these uint8 frames x4)
     budget = 6 * item  # fits one prepared item (~4 x the frames' bytes), not two

@@ -1,18 +1,16 @@
 """The rank runner on real S3 and real decord, with a small deterministic model in place of a VLM.
 
-``ColourCaptioner`` really decodes each clip (the production Qwen2-VL sampling) and names the shape's colour,
-so these tests run in seconds and still check that each row gets the caption of its own video. The real
+``ColourCaptioner`` (testkit/colour_captioner.py) really decodes each clip (the production Qwen2-VL sampling) and
+names the shape's colour, so these tests run in seconds and still check that each row gets the caption of its own video. The real
 models are exercised under msrun in tests/test_caption_msrun.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -20,41 +18,16 @@ import pytest
 from captioning_core import journal
 from captioning_core.config import RunConfig
 from captioning_core.faults import FaultPlan
-from captioning_core.models.base import Captioner
-from captioning_core.models.qwen2_vl import Qwen2VLOptions, sample_frames
 from captioning_core.partition_table import PartitionError
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
-from testkit.clips import COLORS, ensure_clip
+from testkit.clips import ensure_clip
+from testkit.colour_captioner import ColourCaptioner, colour_config, expected_statuses
 from testkit.demo_clips import PARTITION_SPECS
+from testkit.outputs import read_output
 from testkit.partition import Row, meta_csv, upload_partition
 
 pytestmark = pytest.mark.integration
-WORDS = list(COLORS)
-
-
-class ColourCaptioner(Captioner):
-    """Names the colour of the brightest pixels; token ids are indices into WORDS."""
-
-    name = "colour"
-    generate_calls: list[int] = []
-
-    def prepare(self, local_path: str) -> SimpleNamespace:
-        frames = sample_frames(local_path, Qwen2VLOptions(height=112, width=112, fps=2, min_pixels=3136))
-        lit = frames.reshape(-1, 3)[frames.reshape(-1, 3).max(axis=1) > 128].astype(int)
-        rgb = tuple(int(v > 128) for v in lit.mean(axis=0))
-        colour = {(1, 0, 0): 0, (0, 1, 0): 1, (0, 0, 1): 2, (1, 1, 0): 3}[rgb]
-        return SimpleNamespace(colour=colour, thumb_frames=frames)
-
-    def setup(self) -> None:
-        self.tokenizer = None
-
-    def generate(self, batch: list) -> list[list[int]]:
-        ColourCaptioner.generate_calls.append(len(batch))
-        return [[item.colour] for item in batch]
-
-    def decode(self, token_ids: list[int]) -> str:
-        return WORDS[token_ids[0]]
 
 
 @pytest.fixture
@@ -65,25 +38,9 @@ def clips(tmp_path_factory, broken_clips):
         (broken_clips["zero_byte"], None, "zero_byte")]
 
 
-def _cfg(meta: str, **kw) -> RunConfig:
-    kw.setdefault("journal_flush_rows", 1)  # one part per batch: crash points are exact
-    return RunConfig(meta_path=meta, model="colour", pretrained_model_name_or_path="unused", device_target="CPU",
-                     log_every=0, **kw)
-
-
 def _run(cfg: RunConfig, world: int = 1, faults: FaultPlan | None = None) -> list:
     return [RankRunner(cfg, RankInfo(r, world), ColourCaptioner(cfg), faults or FaultPlan()).run()
             for r in range(world)]
-
-
-def _output(client, uri: str) -> pd.DataFrame:
-    bucket, _, key = uri[5:].partition("/")
-    return pd.read_csv(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()), dtype=str,
-                       keep_default_na=False)
-
-
-def _expected(rows: list[Row]) -> list[tuple[str, str]]:
-    return [("ok", r.spec.color) if r.spec else ("failed", "") for r in rows]
 
 
 def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
@@ -95,11 +52,11 @@ def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
         from captioning_core import storage
 
         storage.s3_client.cache_clear()
-        cfg = _cfg(meta, bs=2)
+        cfg = colour_config(meta, bs=2)
         stats = _run(cfg, world=2)
-    out = _output(client, cfg.output)
+    out = read_output(client, cfg.output)
     assert out["path"].tolist() == [r.path for r in rows]
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
     errors = dict(zip(out["path"], out["caption_error"], strict=True))
     assert "cannot open video" in errors["videos/garbage.mp4"]
     assert sum(s.rows_processed for s in stats) == len(rows)
@@ -115,7 +72,7 @@ def test_every_row_back_with_its_own_caption(s3_server, s3_bucket, clips):
 def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta)
+    cfg = colour_config(meta)
     # attempt 1: rank 0 of 3 finishes its rows, ranks 1 and 2 never run
     _run_rank = RankRunner(cfg, RankInfo(0, 3), ColourCaptioner(cfg)).run()
     assert _run_rank.rows_processed == 3
@@ -125,8 +82,8 @@ def test_resume_with_another_world_size_recomputes_nothing(s3_server, s3_bucket,
     assert sum(s.rows_skipped for s in stats) == 3
     assert sum(s.rows_processed for s in stats) == len(rows) - 3
     assert journal.load(cfg.layout.parts, [r.path for r in rows])[3].attempts == 1
-    out = _output(client, cfg.output)
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    out = read_output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
 
 
 def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_bucket, clips, s3_env):
@@ -137,7 +94,7 @@ def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_buc
 
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta)
+    cfg = colour_config(meta)
     lease_key = cfg.output.split("/", 3)[3] + ".lease"
     stale = S3Lease(client, s3_bucket, lease_key, holder="stale", ttl=8)
     stale.acquire(wait=5)
@@ -157,14 +114,14 @@ def test_a_rank_whose_attempt_lost_the_lease_publishes_nothing(s3_server, s3_buc
     stats = RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), fence=holder.fence()).run()
     holder.release()
     assert (stats.rows_skipped, ColourCaptioner.generate_calls) == (len(rows), [])
-    out = _output(client, cfg.output)
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    out = read_output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
 
 
 def test_data_failures_are_final_and_not_retried(s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta)
+    cfg = colour_config(meta)
     first = _run(cfg)[0]
     second = _run(cfg)[0]  # no skip_if_existing: nothing is left to do, no model work
     assert (first.rows_processed, first.failed, first.transient) == (8, 2, 0)
@@ -177,7 +134,7 @@ def test_runtime_fault_holds_the_publish_and_the_next_attempt_redoes_exactly_tho
         s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips)
-    cfg = _cfg(meta, bs=2)
+    cfg = colour_config(meta, bs=2)
     first = _run(cfg, world=2, faults=FaultPlan(runtime_error=True))
     assert not _exists(client, cfg.output) and all(s.needs_retry for s in first)
     assert sum(s.transient for s in first) == 6 and sum(s.failed for s in first) == 2  # 2 broken files: final
@@ -185,8 +142,8 @@ def test_runtime_fault_holds_the_publish_and_the_next_attempt_redoes_exactly_tho
     ColourCaptioner.generate_calls = []
     second = _run(cfg, world=2)
     assert sum(s.rows_processed for s in second) == 6 and not any(s.needs_retry for s in second)
-    out = _output(client, cfg.output)
-    assert list(zip(out["caption_status"], out["text"], strict=True)) == _expected(rows)
+    out = read_output(client, cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
     assert set(out["caption_error"][out["caption_status"] == "ok"]) == {""}
 
 
@@ -194,12 +151,12 @@ def test_a_row_failing_transiently_max_row_attempts_times_is_published_as_failed
         s3_server, s3_bucket, clips, s3_env):
     client = s3_server.client()
     meta, rows = upload_partition(client, s3_bucket, "p", clips[:3])
-    cfg = _cfg(meta, max_row_attempts=2)
+    cfg = colour_config(meta, max_row_attempts=2)
     assert _run(cfg, faults=FaultPlan(oom_rows={1}))[0].transient == 1
     assert not _exists(client, cfg.output)
     second = _run(cfg, faults=FaultPlan(oom_rows={1}))[0]
     assert (second.rows_processed, second.transient, second.failed) == (1, 0, 1)
-    out = _output(client, cfg.output)
+    out = read_output(client, cfg.output)
     assert out["caption_status"].tolist() == ["ok", "failed", "ok"]
     assert out.loc[1, "caption_error"].startswith("gave up after 2 attempts: MemoryError")
 
@@ -208,7 +165,7 @@ def test_consecutive_transient_failures_stop_the_rank_early(s3_server, s3_bucket
     client = s3_server.client()
     good = [c for c in clips if c[1] is not None]
     meta, rows = upload_partition(client, s3_bucket, "p", good)
-    cfg = _cfg(meta, max_consecutive_errors=2)
+    cfg = colour_config(meta, max_consecutive_errors=2)
     stats = _run(cfg, faults=FaultPlan(runtime_error=True))[0]
     assert stats.rows_processed == 2 and stats.stopped_early.startswith("2 consecutive")
     assert not _exists(client, cfg.output)
@@ -220,9 +177,9 @@ def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):
     _, rows = upload_partition(client, s3_bucket, "p", clips[:2])
     key = "p/dups.csv"
     client.put_object(Bucket=s3_bucket, Key=key, Body=meta_csv([rows[0], rows[1], rows[0], rows[0]]))
-    cfg = _cfg(f"s3://{s3_bucket}/{key}")
+    cfg = colour_config(f"s3://{s3_bucket}/{key}")
     stats = _run(cfg, world=2)
-    out = _output(client, cfg.output)
+    out = read_output(client, cfg.output)
     assert out["path"].tolist() == [rows[0].path, rows[1].path, rows[0].path, rows[0].path]
     assert set(out["caption_status"]) == {"ok"} and sum(s.rows_processed for s in stats) == 4
 
@@ -230,16 +187,16 @@ def test_duplicate_paths_each_get_a_row(s3_server, s3_bucket, clips, s3_env):
 def test_empty_partition_publishes_an_empty_output(s3_server, s3_bucket, s3_env):
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="e/meta.csv", Body=b"path,aes\n")
-    cfg = _cfg(f"s3://{s3_bucket}/e/meta.csv")
+    cfg = colour_config(f"s3://{s3_bucket}/e/meta.csv")
     _run(cfg, world=2)
-    out = _output(client, cfg.output)
+    out = read_output(client, cfg.output)
     assert len(out) == 0 and list(out.columns) == ["path", "aes", "text", "caption_status", "caption_error"]
 
 
 def test_meta_without_path_column_fails_up_front(s3_server, s3_bucket, s3_env):
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="bad/meta.csv", Body=b"video,aes\na.mp4,1\n")
-    cfg = _cfg(f"s3://{s3_bucket}/bad/meta.csv")
+    cfg = colour_config(f"s3://{s3_bucket}/bad/meta.csv")
     with pytest.raises(PartitionError, match="no 'path' column"):
         RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg)).run()
 
@@ -250,9 +207,9 @@ def test_missing_objects_and_escapes_fail_per_row(s3_server, s3_bucket, clips, s
     bad = [Row(f"s3://{s3_bucket}/p/videos/missing.mp4", None), Row("../../etc/passwd", None),
            Row("/etc/hostname", None), Row("videos/with space ünïcode.mp4", None)]
     client.put_object(Bucket=s3_bucket, Key="p/meta2.csv", Body=meta_csv(rows + bad))
-    cfg = _cfg(f"s3://{s3_bucket}/p/meta2.csv", allowed_roots=[f"s3://{s3_bucket}/p/"])
+    cfg = colour_config(f"s3://{s3_bucket}/p/meta2.csv", allowed_roots=[f"s3://{s3_bucket}/p/"])
     _run(cfg)
-    out = _output(client, cfg.output)
+    out = read_output(client, cfg.output)
     assert out["caption_status"].tolist() == ["ok", "failed", "failed", "failed", "failed"]
     errors = out["caption_error"].tolist()
     assert "not found" in errors[1] and "'..'" in errors[2] and "outside the allowed roots" in errors[3]
@@ -264,7 +221,7 @@ def test_missing_local_file_is_not_found(clips, tmp_path):
     good = clips[0][0]
     meta = tmp_path / "meta.csv"
     meta.write_bytes(meta_csv([Row(str(good), clips[0][1]), Row(str(tmp_path / "gone.mp4"), None)]))
-    cfg = _cfg(str(meta))
+    cfg = colour_config(str(meta))
     stats = _run(cfg)[0]
     assert (stats.captioned, stats.failed, stats.transient) == (1, 1, 0)
     out = pd.read_csv(cfg.output, dtype=str, keep_default_na=False)
@@ -313,7 +270,7 @@ def test_a_local_file_that_cannot_be_read_is_transient_and_only_enoent_is_not_fo
             Row(str(tmp_path / "gone.mp4"), None)]
     meta = tmp_path / "meta.csv"
     meta.write_bytes(meta_csv(rows))
-    cfg = _cfg(str(meta))
+    cfg = colour_config(str(meta))
     stats = _run(cfg)[0]
     assert (stats.captioned, stats.failed, stats.transient) == (1, 2, 1)
     assert not os.path.exists(cfg.output)  # a transient row holds the publish

@@ -1,7 +1,7 @@
 """Batches by token budget: which pooled videos go together, and the runner's loop around it.
 
 ``take_batch`` is pure and checked on its own; the runner is checked on real clips of different durations
-with a captioner that names each clip's colour (as in tests/test_runner.py) and reports a token count
+with a captioner that names each clip's colour (testkit/colour_captioner.py, as in tests/test_runner.py) and reports a token count
 that grows with the clip's frames, so batching decisions, journaling, resume and the out-of-memory
 retry are all real. The tiny Qwen2-VL's captions under the default equal those at ``--bs 1`` in
 tests/test_batching.py.
@@ -25,8 +25,8 @@ from captioning_core.prefetch import NOT_READY, BytePrefetcher
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from testkit.clips import ClipSpec, ensure_clip
+from testkit.colour_captioner import ColourCaptioner, colour_config
 from testkit.partition import Row, meta_csv
-from tests.test_runner import ColourCaptioner
 
 TEXT_TOKENS = 10
 TOKENS_PER_FRAME = 8
@@ -139,12 +139,6 @@ def _partition(tmp_path: Path, clips) -> str:
     return str(meta)
 
 
-def _cfg(meta: str, **kw) -> RunConfig:
-    kw.setdefault("journal_flush_rows", 1)
-    return RunConfig(meta_path=meta, model="colour", pretrained_model_name_or_path="unused", device_target="CPU",
-                     log_every=0, **kw)
-
-
 def _run(cfg: RunConfig, faults: FaultPlan | None = None):
     TokenColourCaptioner.calls = []
     return RankRunner(cfg, RankInfo(0, 1), TokenColourCaptioner(cfg), faults or FaultPlan()).run()
@@ -158,12 +152,12 @@ def _texts(cfg: RunConfig) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def tokens(mixed) -> list[int]:
     """Each clip's prompt length as the captioner reports it (row order)."""
-    cap = TokenColourCaptioner(_cfg("unused.csv"))
+    cap = TokenColourCaptioner(colour_config("unused.csv"))
     return [cap.prefill_tokens(cap.prepare(str(path))) for path, _ in mixed]
 
 
 def test_default_batches_similar_lengths_and_every_row_gets_its_own_caption(tmp_path, mixed, tokens):
-    cfg = _cfg(_partition(tmp_path, mixed))
+    cfg = colour_config(_partition(tmp_path, mixed))
     assert cfg.bs is None and len(set(tokens)) >= 6
     stats = _run(cfg)
     assert _texts(cfg) == [("ok", spec.color) for _, spec in mixed]
@@ -186,7 +180,7 @@ def test_default_batches_similar_lengths_and_every_row_gets_its_own_caption(tmp_
 
 def test_token_budget_and_bs_bound_every_batch(tmp_path, mixed, tokens):
     budget = 3 * max(tokens)
-    cfg = _cfg(_partition(tmp_path, mixed), batch_tokens=budget, bs=2)
+    cfg = colour_config(_partition(tmp_path, mixed), batch_tokens=budget, bs=2)
     _run(cfg)
     assert _texts(cfg) == [("ok", spec.color) for _, spec in mixed]
     calls = TokenColourCaptioner.calls
@@ -196,7 +190,7 @@ def test_token_budget_and_bs_bound_every_batch(tmp_path, mixed, tokens):
 
 def test_a_video_over_the_budget_goes_alone(tmp_path, mixed, tokens):
     budget = 3 * min(tokens)  # the shortest clips batch; the longest are over it
-    cfg = _cfg(_partition(tmp_path, mixed), batch_tokens=budget)
+    cfg = colour_config(_partition(tmp_path, mixed), batch_tokens=budget)
     _run(cfg)
     calls = TokenColourCaptioner.calls
     assert sorted(c[0] for c in calls if max(c) > budget) == sorted(n for n in tokens if n > budget) != []
@@ -206,7 +200,7 @@ def test_a_video_over_the_budget_goes_alone(tmp_path, mixed, tokens):
 
 
 def test_bs_1_is_one_video_per_call_in_row_order(tmp_path, mixed, tokens):
-    cfg = _cfg(_partition(tmp_path, mixed), bs=1)
+    cfg = colour_config(_partition(tmp_path, mixed), bs=1)
     _run(cfg)
     assert TokenColourCaptioner.calls == [[n] for n in tokens]
 
@@ -223,7 +217,7 @@ def test_out_of_memory_batch_retries_row_by_row_lowers_the_budget_and_only_that_
         tmp_path, mixed, tokens):
     big, small = tokens.index(max(tokens)), tokens.index(min(tokens))
     clips = [mixed[big], mixed[big]] + [mixed[small]] * 8  # 8 short rows fit one batch, unless lowered
-    cfg = _cfg(_partition(tmp_path, clips))
+    cfg = colour_config(_partition(tmp_path, clips))
     faults = RecordingFaults(oom_rows={0})
     faults.tried = []
     stats = _run(cfg, faults)
@@ -246,8 +240,9 @@ from captioning_core import runtime
 runtime.setup_device("CPU")
 from captioning_core.config import RunConfig
 from captioning_core.models.qwen2_vl import Qwen2VLCaptioner
+from testkit.profile import TINY
 cfg = RunConfig(meta_path="m.csv", model="qwen2vl", pretrained_model_name_or_path=sys.argv[1], device_target="CPU",
-                model_options={"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136})
+                model_options=TINY.model_options())
 cap = Qwen2VLCaptioner(cfg)
 cap.setup()
 items = [cap.prepare(path) for path in sys.argv[2:]]
