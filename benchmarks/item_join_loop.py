@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import TINY_ARGS, report, square_clips
+from captioning_core.layout import PartitionLayout
 from testkit.paths import REPO, TINY_QWEN2VL
 
 
@@ -33,7 +34,7 @@ def bench_join_loop(work: Path, rounds: int = 2) -> None:
             t = time.perf_counter()
             hook.run()
             wall = time.perf_counter() - t
-            ranks = json.loads(Path(f"{out}.summary.json").read_text())["ranks"]
+            ranks = json.loads(Path(PartitionLayout(str(out)).summary).read_text())["ranks"]
             runs[idle].append({"wall": wall, "msrun_cpu": cpu.msrun_cpu_seconds, "policy": hook.join_policy,
                                "join_cores": cpu.join_cores or 0.0,
                                "rows_per_second": sum(r["rows_per_second"] for r in ranks),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import report
+from captioning_core.layout import PartitionLayout
 from testkit.paths import REPO, TINY_QWEN2VL
 
 
@@ -25,7 +26,6 @@ def _journal_like_the_runner(prefix: str, rows: list, ranks: int, flush_rows: in
     from captioning_core import journal
     from captioning_core.faults import FaultPlan
     from captioning_core.journal import JournalWriter
-    from captioning_core.layout import PartitionLayout
 
     t = time.perf_counter()
     for rank in range(ranks):
@@ -62,7 +62,7 @@ def bench_resume(work: Path) -> None:
                 for i, p in enumerate(paths)]
 
         # Before: one object per row (what the runner wrote at --bs 1), read one after another.
-        old_prefix = f"s3://{bucket}/old/out.csv.parts/"
+        old_prefix = PartitionLayout(f"s3://{bucket}/old/out.csv").parts
         old = journal.PartWriter(old_prefix, 0, compact_every=1)
         for row in rows[:2000]:
             old.write([row])
@@ -73,7 +73,7 @@ def bench_resume(work: Path) -> None:
 
         for label, flush_rows in (("flush every 64 rows (fast rows)", 64), ("flush every 8 rows (slow rows: "
                                                                             "the 30 s bound hits first)", 8)):
-            prefix = cfg.layout.parts if flush_rows == 64 else f"s3://{bucket}/slow/out.csv.parts/"
+            prefix = cfg.layout.parts if flush_rows == 64 else PartitionLayout(f"s3://{bucket}/slow/out.csv").parts
             written = _journal_like_the_runner(prefix, rows, ranks=2, flush_rows=flush_rows)
             objects = len([u for u in storage.list_prefix(prefix) if u.endswith(".jsonl")])
             load, got = _timed(journal.load, prefix, paths, fp["id"])

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from captioning_core.layout import PartitionLayout
 from curation import metadb
 from demo import cluster as cluster_demo
 from testkit.airflow_env import TINY_CAPTION_OPTIONS, AirflowEnv
@@ -168,7 +169,8 @@ def _print_report(table, expected, manifest, manifest_key, out, airflow, started
           f"({time.monotonic() - started:.0f} s)")
     print(f"manifest: s3://{BUCKET}/{manifest_key} (copy: {out / 'train_manifest.csv'})")  # noqa: T201
     print(f"DAG run log: {out / 'dag_run.log'}; msrun rank logs: {airflow.msrun_log_root}")  # noqa: T201
-    print(f"caption galleries: s3://{BUCKET}/meta/*/shard-*/meta_caption_qwen2vl.csv.gallery/index.html "  # noqa: T201
+    galleries = PartitionLayout(f"s3://{BUCKET}/meta/*/shard-*/meta_caption_qwen2vl.csv").gallery_index
+    print(f"caption galleries: {galleries} "  # noqa: T201
           "(run with --ui to browse them and the Airflow UI)")
 
 
