@@ -10,10 +10,10 @@ setup:
 test: setup
 	$(VENV)/bin/ruff check .
 	PYTHONPATH=plugins $(VENV)/bin/lint-imports
-	$(PY) -m pytest
+	bash scripts/test.sh
 
 test-fast: setup
-	$(PY) -m pytest -m "not msrun and not e2e and not cluster"
+	$(PY) -m pytest -m "not msrun and not e2e and not cluster and not engine"
 
 # The live CeleryExecutor tier alone (Redis, PostgreSQL, scheduler, two ascend workers; about 10 minutes).
 test-cluster: setup

@@ -18,28 +18,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
 REPO = Path(__file__).resolve().parents[1]
 BOUND = 1e-4  # fp32, max absolute difference
 CASES = [f"bs1_{i}" for i in range(8)] + ["batch"]
 
 
-def _side(backend: str, model: str, workdir: Path, clips: list[Path] = ()) -> None:
+def _sides(backends: list[str], model: str, workdir: Path, clips: list[Path] = ()) -> None:
+    """Run each backend's side in its own process, side by side (one thread each), and wait for all."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "testkit.engine_parity", backend, model,
-                           str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
-                          env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, f"{backend} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    procs = {backend: subprocess.Popen([sys.executable, "-m", "testkit.engine_parity", backend, model,
+                                        str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for backend in backends}
+    failed = []
+    for backend, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=1500)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"{backend} side failed:\n{out[-3000:]}\n{err[-3000:]}")
+    assert not failed, "\n".join(failed)
 
 
 @pytest.fixture(scope="module", params=["qwen2vl", "qwen2_5vl"])
 def sides(request, standard_clips, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     model = request.param
     workdir = tmp_path_factory.mktemp(f"engine_parity_{model}")
-    _side("compiled", model, workdir, [path for path, _ in standard_clips])
-    _side("torch", model, workdir)
-    _side("mindnlp", model, workdir)
+    _sides(["compiled"], model, workdir, [path for path, _ in standard_clips])  # writes the shared inputs
+    _sides(["torch", "mindnlp"], model, workdir)
     return {name: dict(np.load(workdir / f"{name}.npz", allow_pickle=True))
             for name in ("compiled", "torch", "mindnlp")}
 
