@@ -18,7 +18,8 @@ TINY = REPO / "tiny_models" / "qwen2vl"
 # Options that change how fast or where a run goes, never the caption a row is meant to get.
 SPEED_ONLY = {"bs", "batch_tokens", "output", "device_target", "gather", "pad_length", "max_row_attempts", "video_root",
               "allowed_roots", "prefetch_workers", "prefetch_batches", "log_every", "prefetch_bytes",
-              "journal_flush_rows", "journal_flush_seconds", "max_consecutive_errors", "skip_if_existing"}
+              "journal_flush_rows", "journal_flush_seconds", "max_consecutive_errors", "skip_if_existing",
+              "engine"}  # engine: equal greedy tokens, tests/test_engine_qwen2vl.py
 
 
 def _fp(*argv: str, model: str = "qwen2vl") -> dict:
