@@ -10,6 +10,8 @@ per rank (rows left, last error), so the next attempt (the Airflow retry) redoes
 row that has failed transiently `--max_row_attempts` times (default 3) is published as `failed`
 ("gave up after N attempts: ..."). A rank that meets `--max_consecutive_errors` (default 8) transient
 failures in a row stops early, and a rank checks it can read its first pending video before loading the model.
+An outage is no row's attempt: a row whose read failed while the store itself did not answer
+(``storage.service_answers``) is journaled nowhere and the rank stops (``RankRunner._stop_for_outage``).
 
 An error of the whole attempt (outside any row) is transient if S3 or its credentials caused it (exit 3, the
 next attempt resumes) and otherwise *fatal*: it is raised, a bug or a broken input to look at. The S3 error

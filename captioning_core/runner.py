@@ -50,6 +50,7 @@ class Prepared:
     item: object = None
     error: str = ""
     transient: bool = False  # the error is the environment's, not the video's
+    outage: bool = False  # ... and the store itself did not answer: no row attempt (storage.service_answers)
     seconds: float = 0.0
     thumb: bytes | None = None
     nbytes: int = 0
@@ -77,7 +78,7 @@ class RankRunner:
         log.info("rank %d/%d: %d rows in partition, %d owned, %d already done, %d to caption (fingerprint %s)",
                  info.rank, info.world_size, len(partition), len(owned), stats.rows_skipped, len(pending), fp_id)
         gathered: list[tuple[int, int, list[int]]] = []
-        if pending and self._preflight(partition, pending[0], previous, stats):
+        if pending and self._preflight(partition, pending[0], stats):
             self.captioner.setup_preprocessing()
             with self._prefetched(partition, pending, stats) as prepared:  # decoding starts while the model loads
                 started = time.perf_counter()
@@ -92,9 +93,11 @@ class RankRunner:
             publish(cfg, partition, self.fingerprint, faults=self.faults, fence=self.fence)
         return stats
 
-    def _preflight(self, partition: Partition, row: int, previous: dict, stats: RankStats) -> bool:
-        """Before loading any model: can this rank read its first pending video? A transient failure here
-        (credentials, S3 down) stops the rank at once; it is journaled so the row's attempts still count."""
+    def _preflight(self, partition: Partition, row: int, stats: RankStats) -> bool:
+        """Before loading any model: can this rank read its first pending video? If the store does not answer
+        (S3 down, credentials it refuses) the rank stops at once, model not loaded, and no row attempt is
+        counted: an outage is not the row's. If the store answers, the row's own trouble (a refused object)
+        is left to the loop, which records it as the row's attempt."""
         path = partition.paths[row]
         try:
             uri = resolve_video(path, self.cfg)
@@ -104,18 +107,17 @@ class RankRunner:
             storage.check_readable(uri)
             return True
         except Exception as err:
-            if classify(err, "preflight") != TRANSIENT:
-                return True  # not there, a directory, ...: the video's own problem, recorded by the loop
+            if classify(err, "preflight") != TRANSIENT or storage.service_answers(uri):
+                return True  # the video's own problem (not there, a directory, refused): the loop records it
             error = short_error(err)
-        stats.transient, stats.last_transient_error = 1, error
-        stats.stopped_early = f"cannot read the first pending video ({error}); model not loaded"
-        log.error("rank %d: row %d: %s", self.info.rank, row, stats.stopped_early)
-        try:
-            journal.PartWriter(self.cfg.layout.parts, self.info.rank).write(
-                [self._result(Prepared(row, path), STATUS_TRANSIENT, "", error, previous)])
-        except Exception as write_err:  # the journal may sit behind the same broken credentials
-            log.warning("rank %d: could not journal the attempt: %s", self.info.rank, short_error(write_err))
+        self._stop_for_outage(stats, f"cannot read the first pending video ({error}); model not loaded", error)
         return False
+
+    def _stop_for_outage(self, stats: RankStats, why: str, error: str) -> None:
+        stats.transient += 1
+        stats.last_transient_error = error
+        stats.stopped_early = f"{why}; the store does not answer: an outage, no row attempt counted"
+        log.error("rank %d: %s", self.info.rank, stats.stopped_early)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _caption_rows(self, fetcher: BytePrefetcher, count: int, previous: dict,
@@ -150,8 +152,11 @@ class RankRunner:
                     prep = got[0]
                     stats.decode_seconds += prep.seconds
                     if prep.error:
-                        results = [self._failed(prep, prep.error, previous)]
                         self._release([prep])
+                        if prep.outage:  # journaled nowhere: the row stays pending, its attempts untouched
+                            self._stop_for_outage(stats, f"row {prep.row}: {prep.error}", prep.error)
+                            break
+                        results = [self._failed(prep, prep.error, previous)]
                         writer.put(results)
                         self._account(results, stats, progress, t0)
                         if stats.stopped_early:
@@ -252,6 +257,7 @@ class RankRunner:
             prep.error = (f"video not found: {path}" if storage.is_not_found(err) else
                           f"not a file: {path}" if isinstance(err, IsADirectoryError) else short_error(err))
             prep.transient = classify(err, stage) == TRANSIENT
+            prep.outage = prep.transient and stage == "fetch" and not storage.service_answers(uri)
         finally:
             if owned and local and os.path.exists(local):
                 os.unlink(local)

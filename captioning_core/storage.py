@@ -339,6 +339,36 @@ def delete_prefix(prefix: str) -> None:
         shutil.rmtree(prefix, ignore_errors=True)
 
 
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+
+
+def service_answers(uri: str) -> bool:
+    """Does the store holding ``uri`` work now, whatever it says about ``uri`` itself? Asked once, without the
+    retry budget, after a row's read failed on an environment error: if the store answers, the row was tried
+    against a working environment and the failure is the row's attempt; if not (connection refused, timeouts,
+    5xx, credentials S3 does not accept), it is an outage, which is nobody's row attempt.
+
+    S3: one listing of at most one key under the object's own key. Any answer from S3 with our valid
+    credentials counts, a refusal too (an identity scoped to the object's prefix may not list). Local: the
+    file's directory can be looked up (an ENOENT answer counts: the path is simply not there).
+    """
+    if not is_s3(uri):
+        try:
+            os.stat(os.path.dirname(os.path.abspath(uri)) or ".")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+    loc = S3Location.parse(uri)
+    try:
+        s3_client().list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1)
+    except Exception as err:
+        code = error_code(err)
+        return not (is_transient(err) or code in _CREDENTIAL_CODES or not code)
+    return True
+
+
 @_retrying
 def check_local_file(path: str) -> None:
     """Raise what reading the local file ``path`` raises: FileNotFoundError only when it is not there (ENOENT),

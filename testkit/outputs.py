@@ -25,7 +25,11 @@ def read_csv_from_s3(client, uri: str) -> tuple[pd.DataFrame, bytes]:
 
 
 def read_output(client, uri: str) -> pd.DataFrame:
-    """The CSV at ``uri`` as strings."""
+    """The CSV at ``uri`` (``s3://...`` through ``client``, or a local path) as strings."""
+    if not uri.startswith("s3://"):
+        import pandas as pd
+
+        return pd.read_csv(uri, dtype=str, keep_default_na=False)
     return read_csv_from_s3(client, uri)[0]
 
 

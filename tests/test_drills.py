@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from captioning_core import storage
+from captioning_core import journal, storage
 from captioning_core.faults import FaultPlan
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
 from operators.lease import LeaseHeldError, S3Lease
 from testkit.colour_captioner import ColourCaptioner, colour_config, expected_statuses
 from testkit.outputs import read_output
-from testkit.partition import upload_partition
+from testkit.partition import Row, meta_csv, upload_partition
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +139,62 @@ def test_long_outage_fails_the_attempt_cleanly_and_the_next_resumes(s3_server, s
     assert stats.rows_skipped == done and stats.rows_processed == len(rows) - done
     out = read_output(client, cfg.output)
     assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
+
+
+@pytest.mark.parametrize("where", ["preflight", "mid_run"])
+def test_an_outage_uses_no_row_attempts(s3_server, s3_bucket, clips, s3_env, tmp_path, where):
+    """Issue 25 #3. S3 is down through three attempts (``max_row_attempts`` of them, as three Airflow tries
+    inside one outage would be). The meta and the journal are local, so the outage hits only the videos.
+    ``preflight``: every video is on S3, so each attempt stops in its check before the model loads.
+    ``mid_run``: row 0 is a local clip, so the check passes, the model loads, row 0 is captioned, and the
+    outage meets the first S3 fetch. Either way no row's attempts are used: once S3 is back, the next attempt
+    captions every video (before: each was published "gave up after 3 attempts: EndpointConnectionError")."""
+    _, on_s3 = upload_partition(s3_server.client(), s3_bucket, "outage", clips[1:5])
+    rows = ([Row(str(clips[0][0]), clips[0][1])] if where == "mid_run" else []) + on_s3
+    meta = tmp_path / "meta.csv"
+    meta.write_bytes(meta_csv(rows))
+    s3_env.setenv("CAPTION_S3_RETRY_SECONDS", "1")
+    s3_env.setenv("CAPTION_S3_CONNECT_TIMEOUT", "1")
+    storage.s3_client.cache_clear()
+    cfg = colour_config(str(meta), max_row_attempts=3)
+    s3_server.stop()
+    try:
+        for attempt in range(cfg.max_row_attempts):  # mid_run: later attempts stop in the check (row 0 is done)
+            stats = RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg)).run()
+            assert "an outage, no row attempt counted" in stats.stopped_early, stats
+            assert stats.model_loaded == stats.captioned == (where == "mid_run" and attempt == 0)
+            assert stats.needs_retry
+    finally:
+        s3_server.start()
+    assert not os.path.exists(cfg.output)
+    done = journal.load(cfg.layout.parts, [r.path for r in rows])
+    assert sorted(done) == ([0] if where == "mid_run" else [])  # no S3 row has a journaled attempt
+    stats = RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg)).run()
+    assert (stats.captioned, stats.failed, stats.transient) == (len(on_s3), 0, 0), stats
+    out = read_output(s3_server.client(), cfg.output)
+    assert list(zip(out["caption_status"], out["text"], strict=True)) == expected_statuses(rows)
+
+
+def test_the_store_answering_is_told_from_an_outage(s3_server, s3_bucket, s3_env, tmp_path):
+    """What decides whether a failed read was the row's attempt: any S3 answer with valid credentials (a
+    missing key, a missing bucket) is a working store; a wrong secret or a stopped server is not."""
+    s3_env.setenv("CAPTION_S3_CONNECT_TIMEOUT", "1")
+    storage.s3_client.cache_clear()
+    assert storage.service_answers(f"s3://{s3_bucket}/no/such/key.mp4")
+    assert storage.service_answers("s3://no-such-bucket-here/key.mp4")
+    assert storage.service_answers(str(tmp_path / "missing.mp4"))
+    assert storage.service_answers(str(tmp_path / "no" / "such" / "dir" / "x.mp4"))
+    s3_env.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret")
+    storage.s3_client.cache_clear()
+    assert not storage.service_answers(f"s3://{s3_bucket}/no/such/key.mp4")
+    s3_env.setenv("AWS_SECRET_ACCESS_KEY", s3_server.env()["AWS_SECRET_ACCESS_KEY"])
+    storage.s3_client.cache_clear()
+    s3_server.stop()
+    try:
+        assert not storage.service_answers(f"s3://{s3_bucket}/no/such/key.mp4")
+    finally:
+        s3_server.start()
+        storage.s3_client.cache_clear()
 
 
 def test_concurrent_publishers_produce_one_consistent_output(s3_server, s3_bucket, s3_env):
