@@ -69,6 +69,14 @@ class RunConfig:
     allowed_roots: list[str] = option(default_factory=list, role=SPEED, flag="--allowed_root",
                                       help="only read videos under this local dir or s3:// prefix (repeatable)")
     prefetch_workers: int = option(2, help="background decode threads", role=SPEED)
+    decode_timeout: float = option(600.0, role=SPEED,
+                                   help="seconds one video's decoding may take in its decoder process (0: no "
+                                        "limit); a decode over it is killed and the row is transient, retried "
+                                        "up to --max_row_attempts")
+    max_decode_bytes: int = option(8 << 30, role=SPEED,
+                                   help="most bytes of raw RGB frames one video's decoding may produce (frames x "
+                                        "stored height x width x 3; 0: no cap); a video over it fails before "
+                                        "decoding. 8 GiB holds 768 frames of 1080p")
     prefetch_batches: int = option(2, help="batches decoded ahead of the model", role=SPEED)
     prefetch_bytes: int = option(1 << 30, role=SPEED,  # one 4K 10-min clip ~0.6 GB
                                  help="most bytes of prepared tensors held ahead of the model (a 4K 10-minute "
@@ -103,8 +111,9 @@ class RunConfig:
                      "prefetch_batches", "prefetch_bytes", "journal_flush_rows", "max_consecutive_errors"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.journal_flush_seconds < 0:
-            raise ValueError(f"--journal_flush_seconds must be >= 0, got {self.journal_flush_seconds!r}")
+        for name in ("journal_flush_seconds", "decode_timeout", "max_decode_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}")
         if self.gather == "allgather" and self.pad_length < self.max_new_tokens:
             raise ValueError("--pad_length must be >= --max_new_tokens with --gather allgather")
         if not self.question.strip():

@@ -37,6 +37,11 @@ STAGES = (*ROW_STAGES, "attempt")
 _OOM = re.compile(r"out of memory|allocate memory|memory allocation|\bOOM\b", re.IGNORECASE)
 
 
+class TransientError(Exception):
+    """Raised by this project's own code for a failure the environment caused (e.g. the decoder process was
+    killed or overran its time): transient at any row stage."""
+
+
 def is_oom(err: BaseException) -> bool:
     """Out of memory, host or device (the runtimes say so in their messages)."""
     return isinstance(err, MemoryError) or bool(_OOM.search(str(err)))
@@ -59,6 +64,8 @@ def classify(error: BaseException, stage: str) -> str:
     if stage == "attempt":
         return TRANSIENT if _s3_environment(error) else FATAL
     if stage == "generate":  # the model runtime failed on this row alone: the environment's fault
+        return TRANSIENT
+    if isinstance(error, TransientError):
         return TRANSIENT
     if isinstance(error, IsADirectoryError | NotADirectoryError):  # the path names no file: the data's
         return DATA

@@ -12,6 +12,11 @@ Syntax: comma-separated ``kind@rank:arg``. Kinds:
 - ``bad_secret@R``  rank R replaces its S3 secret by a wrong one before any S3 call (a credentials drill
                     whose wrong secret can be limited to one Airflow try, which a connection cannot).
 
+- ``decoder_crash@*:NAME`` / ``decoder_kill@*:NAME`` / ``decoder_hang@*:NAME``: the decoder process
+                    (captioning_core.decode_sandbox) crashes natively (a real SIGSEGV: it reads address 0),
+                    is SIGKILLed (as the OOM killer does) or hangs, when it decodes a file whose name
+                    contains NAME. The decoder does not know its rank: these hit every rank.
+
 ``R`` may be ``*``: every rank.
 
 A fault may end in ``/tryN``: it then fires only in Airflow try N (``AIRFLOW_CTX_TRY_NUMBER``, which the
@@ -28,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 ENV = "CAPTION_FAULTS"
+DECODER_FAULTS = ("decoder_crash", "decoder_kill", "decoder_hang")
 
 
 @dataclass
@@ -66,6 +72,8 @@ class FaultPlan:
                 plan.crash_before_output = True
             elif kind == "bad_secret":
                 plan.bad_secret = True
+            elif kind in DECODER_FAULTS:
+                pass  # acted on in the decoder process: decoder_fault
             else:
                 raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
         return plan
@@ -99,3 +107,25 @@ class FaultPlan:
             time.sleep(self.sleep_per_batch)
         if self.kill_after_rows is not None and rows_done >= self.kill_after_rows:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def decoder_fault(path: str, env: dict[str, str] | None = None) -> None:
+    """In the decoder process, before decoding ``path``: act on a ``decoder_*`` fault naming it."""
+    env = os.environ if env is None else env
+    for item in filter(None, (s.strip() for s in env.get(ENV, "").split(","))):
+        body, _, only_try = item.partition("/")
+        kind, _, rest = body.partition("@")
+        name = rest.partition(":")[2]
+        if kind not in DECODER_FAULTS or not name or name not in os.path.basename(path):
+            continue
+        if only_try and only_try != f"try{env.get('AIRFLOW_CTX_TRY_NUMBER', '')}":
+            continue
+        if kind == "decoder_crash":
+            import ctypes
+
+            ctypes.string_at(0)  # a real native crash: SIGSEGV
+        elif kind == "decoder_kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            while True:
+                time.sleep(3600)

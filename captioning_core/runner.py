@@ -21,9 +21,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from captioning_core import fingerprint, gallery, journal, partition_table, signals, storage
+from captioning_core import fingerprint, gallery, journal, partition_table, signals, storage, video
 from captioning_core.batching import BatchPlanner, padded_tokens
 from captioning_core.config import RunConfig
+from captioning_core.decode_sandbox import DecodeSandbox
 from captioning_core.errors import TRANSIENT, classify, is_oom, short_error
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import STATUS_TRANSIENT, JournalWriter, RowResult
@@ -220,16 +221,19 @@ class RankRunner:
         paths = partition.paths
         cache_dir = tempfile.mkdtemp(prefix="caption-cache-")
         per_batch = self.cfg.bs or MAX_BATCH_VIDEOS  # without --bs, the bytes and the token budget bound it
-        fetcher = BytePrefetcher(rows, lambda row: self._prepare_one(row, paths[row], cache_dir),
-                                 lambda prep: prep.nbytes, self.cfg.prefetch_bytes,
-                                 per_batch * (self.cfg.prefetch_batches + 1), self.cfg.prefetch_workers)
-        self._fetcher = fetcher
-        try:
-            yield fetcher
-        finally:
-            fetcher.close()
-            stats.prefetch_peak_bytes = fetcher.peak
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        sandbox = DecodeSandbox(self.cfg.decode_timeout)  # a video that kills its decoder fails its row only
+        with video.decode_policy(video.DecodePolicy(sandbox, self.cfg.max_decode_bytes)):
+            fetcher = BytePrefetcher(rows, lambda row: self._prepare_one(row, paths[row], cache_dir),
+                                     lambda prep: prep.nbytes, self.cfg.prefetch_bytes,
+                                     per_batch * (self.cfg.prefetch_batches + 1), self.cfg.prefetch_workers)
+            self._fetcher = fetcher
+            try:
+                yield fetcher
+            finally:
+                fetcher.close()
+                sandbox.close()
+                stats.prefetch_peak_bytes = fetcher.peak
+                shutil.rmtree(cache_dir, ignore_errors=True)
 
     def _release(self, batch: list[Prepared]) -> None:
         """The model is done with these items: their bytes leave the prefetch budget."""

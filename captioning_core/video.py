@@ -22,9 +22,11 @@ constant-rate clips keep the index formula, so their frames are unchanged.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +101,68 @@ def probe(path: str) -> VideoInfo:
     return VideoInfo(len(reader), float(reader.get_avg_fps() or 0.0), int(height), int(width))
 
 
+@dataclass
+class DecodePolicy:
+    """How this process decodes: in a child process (``sandbox``, a DecodeSandbox) or here, and the cap on
+    the raw frames one decode may produce (``max_bytes``, 0: none). The rank runner sets it for a run."""
+
+    sandbox: Any = None
+    max_bytes: int = 0
+
+
+_policy = DecodePolicy()
+
+
+@contextlib.contextmanager
+def decode_policy(policy: DecodePolicy) -> Iterator[None]:
+    """``read_frames`` follows ``policy`` inside the block (process-wide: the rank's decode threads too)."""
+    global _policy
+    outer, _policy = _policy, policy
+    try:
+        yield
+    finally:
+        _policy = outer
+
+
+def check_decode_budget(count: int, height: int, width: int, max_bytes: int) -> None:
+    """Refuse a decode whose raw RGB frames would exceed ``max_bytes`` (0: no cap) before decoding any."""
+    need = int(count) * int(height) * int(width) * 3
+    if max_bytes and need > max_bytes:
+        raise VideoError(f"decoding {count} frames of {width}x{height} needs {need / 2**30:.1f} GiB of "
+                         f"frames, over --max_decode_bytes ({max_bytes / 2**30:.1f} GiB)")
+
+
+def _stored_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of the stream decord decodes, from the container header (no decoding); None if unknown."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            ctx = pick_stream(container).codec_context
+            return int(ctx.height), int(ctx.width)
+    except Exception:  # noqa: BLE001 - decord decides readability
+        return None
+
+
 def read_frames(video: Video, indices: list[int]) -> np.ndarray:
-    """Decode the frames at ``indices`` as displayed, uint8 (T, H, W, 3): decord's frames there, shown upright."""
+    """Decode the frames at ``indices`` as displayed, uint8 (T, H, W, 3): decord's frames there, shown upright.
+    Where and within what is the process's :class:`DecodePolicy` (the runner decodes in child processes)."""
     indices = [int(i) for i in indices]
     total = len(video)
     if not indices or min(indices) < 0 or max(indices) >= total:
         raise VideoError(f"frame indices out of range for a {total}-frame video: {indices[:8]}")
+    policy = _policy
+    if policy.sandbox is not None:
+        return policy.sandbox.read_frames(video.path, indices, policy.max_bytes)
+    return read_frames_here(video, indices, policy.max_bytes)
+
+
+def read_frames_here(video: Video, indices: list[int], max_bytes: int = 0) -> np.ndarray:
+    """``read_frames`` in this process: the stored size is checked against ``max_bytes`` before decoding."""
+    size = _stored_size(video.path) if max_bytes else None
+    if size is not None:
+        check_decode_budget(len(indices), *size, max_bytes)
+    total = len(video)
     frames = None
     try:
         frames, display = _read_pyav(video.path, indices, total)

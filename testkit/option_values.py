@@ -13,4 +13,5 @@ CHANGED = {"pretrained_model_name_or_path": "/m", "question": "What happens?", "
            "prefetch_batches": "5", "log_every": "2.5", "height": "224", "width": "336", "fps": "3",
            "min_pixels": "6272", "max_video_tokens": "9000", "prefetch_bytes": "1000000",
            "journal_flush_rows": "7", "journal_flush_seconds": "3", "max_consecutive_errors": "2",
+           "decode_timeout": "30", "max_decode_bytes": "1048576",
            "engine": "compiled"}

@@ -19,6 +19,7 @@ TINY = REPO / "tiny_models" / "qwen2vl"
 SPEED_ONLY = {"bs", "batch_tokens", "output", "device_target", "gather", "pad_length", "max_row_attempts", "video_root",
               "allowed_roots", "prefetch_workers", "prefetch_batches", "log_every", "prefetch_bytes",
               "journal_flush_rows", "journal_flush_seconds", "max_consecutive_errors", "skip_if_existing",
+              "decode_timeout", "max_decode_bytes",
               "engine"}  # engine: equal greedy tokens, tests/test_engine_qwen2vl.py
 
 
