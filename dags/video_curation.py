@@ -11,6 +11,10 @@ The key names everything downstream: the S3 prefixes ``incoming/<key>/``, ``meta
 ``manifests/<key>/``, the shards, and the metadata table's partition. ``airflow dags test DAG DATE`` (no
 partition key on such a run) falls back to ``params.partition_key``, then to ``ds``, which has the same format.
 
+What the ranks may read: every caption task gets ``allowed_roots=["s3://<bucket>/<incoming_prefix>/<key>/"]``,
+the prefix its run's scrape listed (it arrives with the shard's ``meta_path`` from the filter task), so a meta
+row that names another partition, another bucket or a local file fails as that row's failure, unread.
+
 Concurrency: caption tasks run on the ``ascend`` Celery queue, one slot of pool ``ascend_npus`` each (size it
 hosts x NPUs per host / NPUs per task), at most ``CAPTION_MAX_PER_RUN`` per run; ``max_active_runs`` bounds the
 runs in flight, for backfills too (``--max-active-runs`` lowers it per backfill).
@@ -53,6 +57,11 @@ def _partition_key(context) -> str:
     if not key:  # a run with no logical date and no key: name it after the run
         key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", context["run_id"])
     return str(key)
+
+
+def _incoming(params, key: str) -> str:
+    """The key prefix the partition's videos land under, ``<incoming_prefix>/<key>`` (no trailing slash)."""
+    return f"{params['incoming_prefix']}/{key}"
 
 
 def _s3():
@@ -114,7 +123,7 @@ with DAG(
         p = context["params"]
         conn = _db()
         try:
-            steps.scrape(_s3(), conn, p["bucket"], f"{p['incoming_prefix']}/{key}", key)
+            steps.scrape(_s3(), conn, p["bucket"], _incoming(p, key), key)
         finally:
             conn.close()
         return key
@@ -126,10 +135,13 @@ with DAG(
         p = context["params"]
         conn = _db()
         try:
-            return steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
-                                          p["meta_prefix"], int(p["shard_size"]), bool(p["retry_failed"]))
+            shards = steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
+                                            p["meta_prefix"], int(p["shard_size"]), bool(p["retry_failed"]))
         finally:
             conn.close()
+        # the caption task's kwargs per shard: it may read only what scrape registered for this key
+        roots = [f"s3://{p['bucket']}/{_incoming(p, key).rstrip('/')}/"]
+        return [{**shard, "allowed_roots": roots} for shard in shards]
 
     @task(outlets=[MANIFEST_ASSET])
     def train(key: str, shards: list[dict], captions: list[dict], **context) -> dict:
