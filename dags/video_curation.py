@@ -20,7 +20,8 @@ hosts x NPUs per host / NPUs per task), at most ``CAPTION_MAX_PER_RUN`` per run;
 runs in flight, for backfills too (``--max-active-runs`` lowers it per backfill).
 
 Wiring only: every import that is heavy or touches a service happens inside a task at run time.
-Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres).
+Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres); the caption task
+uses ``$CAPTION_TASK_S3_CONN_ID`` instead of ``caption_s3`` when set.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from operators.ascend_caption import AscendCaptionOperator
 _THRESHOLDS = Thresholds()
 S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
 DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
+# The caption task's connection, whose credentials the ranks get: give it one scoped to reading incoming/ and
+# reading and writing meta/ (README, "S3 credentials for the ranks"); scrape, filter and train keep S3_CONN.
+CAPTION_TASK_S3_CONN = os.environ.get("CAPTION_TASK_S3_CONN_ID", S3_CONN)
 # Named, not an s3:// URI: an s3 URI makes every DAG parse initialise the providers manager (~0.6 s).
 MANIFEST_ASSET = Asset(name="video_training_manifest")
 PARTITION_KEY_FORMAT = "%Y-%m-%d"
@@ -168,7 +172,7 @@ with DAG(
         recaption="{{ params.recaption }}",
         worker_num="{{ params.worker_num }}",
         local_worker_num="{{ params.worker_num }}",
-        aws_conn_id=S3_CONN,
+        aws_conn_id=CAPTION_TASK_S3_CONN,
         queue=os.environ.get("CAPTION_QUEUE", "ascend"),
         map_index_template="{{ task.meta_path.split('/')[-2] }}",
         pool=CAPTION_POOL,
