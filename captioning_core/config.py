@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from captioning_core import storage
 from captioning_core.layout import PartitionLayout, default_output_name
 from captioning_core.options import CHECKPOINT, DTYPE, GENERATION, PROMPT, SPEED, internal, option
+from captioning_core.paths import check_root
 
 DEVICE_TARGETS = ("Ascend", "CPU")
 GATHER_MODES = ("none", "allgather")
@@ -66,8 +67,10 @@ class RunConfig:
                                          help="stop this rank early after this many transient failures in a row")
     video_root: str | None = option(None, role=SPEED,
                                     help="base for relative video paths (default: the meta file's directory)")
-    allowed_roots: list[str] = option(default_factory=list, role=SPEED, flag="--allowed_root",
-                                      help="only read videos under this local dir or s3:// prefix (repeatable)")
+    allowed_roots: list[str] = option(default_factory=list, role=SPEED, flag="--allowed_root", owned=True,
+                                      help="only read videos under this absolute local directory or "
+                                           "s3://bucket/prefix (repeatable; none: any path a row names). The "
+                                           "Airflow operator always sets it, from its allowed_roots")
     prefetch_workers: int = option(2, help="background decode threads", role=SPEED)
     decode_timeout: float = option(600.0, role=SPEED,
                                    help="seconds one video's decoding may take in its decoder process (0: no "
@@ -118,6 +121,8 @@ class RunConfig:
             raise ValueError("--pad_length must be >= --max_new_tokens with --gather allgather")
         if not self.question.strip():
             raise ValueError("--question must not be empty")
+        for root in self.allowed_roots:
+            check_root(root)
         if self.output is None:
             self.output = default_output(self.meta_path, self.model)
 

@@ -141,8 +141,11 @@ def _value_type(hint: Any) -> type:
 
 
 def owned(cls: type) -> frozenset[str]:
-    """The options of ``cls`` that the operator sets itself."""
-    return frozenset(o.name for o in specs(cls) if o.owned)
+    """The options of ``cls`` that the operator sets itself, by field name and, where its flag is spelled
+    otherwise, by the flag's name too (``allowed_roots`` and ``allowed_root``: either key in a dict of options
+    reaches the option)."""
+    mine = [o for o in specs(cls) if o.owned]
+    return frozenset({o.name for o in mine} | {o.flag.lstrip("-") for o in mine if o.flag})
 
 
 def command_line(cls: type, *, environ: Mapping[str, str] | None = None,

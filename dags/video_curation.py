@@ -11,12 +11,17 @@ The key names everything downstream: the S3 prefixes ``incoming/<key>/``, ``meta
 ``manifests/<key>/``, the shards, and the metadata table's partition. ``airflow dags test DAG DATE`` (no
 partition key on such a run) falls back to ``params.partition_key``, then to ``ds``, which has the same format.
 
+What the ranks may read: every caption task gets ``allowed_roots=["s3://<bucket>/<incoming_prefix>/<key>/"]``,
+the prefix its run's scrape listed (it arrives with the shard's ``meta_path`` from the filter task), so a meta
+row that names another partition, another bucket or a local file fails as that row's failure, unread.
+
 Concurrency: caption tasks run on the ``ascend`` Celery queue, one slot of pool ``ascend_npus`` each (size it
 hosts x NPUs per host / NPUs per task), at most ``CAPTION_MAX_PER_RUN`` per run; ``max_active_runs`` bounds the
 runs in flight, for backfills too (``--max-active-runs`` lowers it per backfill).
 
 Wiring only: every import that is heavy or touches a service happens inside a task at run time.
-Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres).
+Connections: ``caption_s3`` (aws, with ``endpoint_url`` in extra) and ``curation_db`` (postgres); the caption task
+uses ``$CAPTION_TASK_S3_CONN_ID`` instead of ``caption_s3`` when set.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from operators.ascend_caption import AscendCaptionOperator
 _THRESHOLDS = Thresholds()
 S3_CONN = os.environ.get("CAPTION_S3_CONN_ID", "caption_s3")
 DB_CONN = os.environ.get("CAPTION_DB_CONN_ID", "curation_db")
+# The caption task's connection, whose credentials the ranks get: give it one scoped to reading incoming/ and
+# reading and writing meta/ (README, "S3 credentials for the ranks"); scrape, filter and train keep S3_CONN.
+CAPTION_TASK_S3_CONN = os.environ.get("CAPTION_TASK_S3_CONN_ID", S3_CONN)
 # Named, not an s3:// URI: an s3 URI makes every DAG parse initialise the providers manager (~0.6 s).
 MANIFEST_ASSET = Asset(name="video_training_manifest")
 PARTITION_KEY_FORMAT = "%Y-%m-%d"
@@ -53,6 +61,11 @@ def _partition_key(context) -> str:
     if not key:  # a run with no logical date and no key: name it after the run
         key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", context["run_id"])
     return str(key)
+
+
+def _incoming(params, key: str) -> str:
+    """The key prefix the partition's videos land under, ``<incoming_prefix>/<key>`` (no trailing slash)."""
+    return f"{params['incoming_prefix']}/{key}"
 
 
 def _s3():
@@ -114,7 +127,7 @@ with DAG(
         p = context["params"]
         conn = _db()
         try:
-            steps.scrape(_s3(), conn, p["bucket"], f"{p['incoming_prefix']}/{key}", key)
+            steps.scrape(_s3(), conn, p["bucket"], _incoming(p, key), key)
         finally:
             conn.close()
         return key
@@ -126,10 +139,13 @@ with DAG(
         p = context["params"]
         conn = _db()
         try:
-            return steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
-                                          p["meta_prefix"], int(p["shard_size"]), bool(p["retry_failed"]))
+            shards = steps.filter_partition(_s3(), conn, key, steps.thresholds_from_params(p), p["bucket"],
+                                            p["meta_prefix"], int(p["shard_size"]), bool(p["retry_failed"]))
         finally:
             conn.close()
+        # the caption task's kwargs per shard: it may read only what scrape registered for this key
+        roots = [f"s3://{p['bucket']}/{_incoming(p, key).rstrip('/')}/"]
+        return [{**shard, "allowed_roots": roots} for shard in shards]
 
     @task(outlets=[MANIFEST_ASSET])
     def train(key: str, shards: list[dict], captions: list[dict], **context) -> dict:
@@ -156,7 +172,7 @@ with DAG(
         recaption="{{ params.recaption }}",
         worker_num="{{ params.worker_num }}",
         local_worker_num="{{ params.worker_num }}",
-        aws_conn_id=S3_CONN,
+        aws_conn_id=CAPTION_TASK_S3_CONN,
         queue=os.environ.get("CAPTION_QUEUE", "ascend"),
         map_index_template="{{ task.meta_path.split('/')[-2] }}",
         pool=CAPTION_POOL,

@@ -14,6 +14,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -101,13 +102,31 @@ class WeedPorts:
         return set(astuple(self))
 
 
+@dataclass(frozen=True)
+class S3Identity:
+    """One more S3 user of the server, with credentials generated per instance and SeaweedFS actions such as
+    ``Read:bucket/prefix/*``, ``Write:bucket/prefix/*``, ``List:bucket`` (the trailing ``*`` makes it a prefix)."""
+
+    name: str
+    actions: tuple[str, ...]
+    access_key: str
+    secret_key: str
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": list(self.actions)}
+
+
 class SeaweedS3:
     """``weed mini`` bound to 127.0.0.1 only, with an S3 identity generated per instance.
 
-    Use as a context manager, or call ``start()`` / ``stop()``. ``restart()`` keeps ports and data.
+    ``identities`` adds scoped users (name -> SeaweedFS actions); they are fixed at start (weed reads its S3
+    config file once). Use as a context manager, or call ``start()`` / ``stop()``. ``restart()`` keeps ports
+    and data.
     """
 
-    def __init__(self, data_dir: Path | str | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, data_dir: Path | str | None = None, start_timeout: float = 60.0,
+                 identities: Mapping[str, Sequence[str]] | None = None) -> None:
         self._weed = find_weed()
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="seaweed-"))
@@ -116,6 +135,9 @@ class SeaweedS3:
         self.ports = WeedPorts.allocate()
         self.access_key = "AK" + secrets.token_hex(9).upper()
         self.secret_key = secrets.token_urlsafe(30)
+        self.identities = {name: S3Identity(name, tuple(actions), "AK" + secrets.token_hex(9).upper(),
+                                            secrets.token_urlsafe(30))
+                           for name, actions in (identities or {}).items()}
         self.log_path = self.data_dir / "weed.log"
         self.config_path = self.data_dir / "s3.json"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -150,7 +172,8 @@ class SeaweedS3:
                     "name": "testkit",
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                }
+                },
+                *(identity.config() for identity in self.identities.values()),
             ]
         }
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -311,11 +334,12 @@ class SeaweedS3:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def env(self) -> dict[str, str]:
-        """Standard AWS variables that point SDKs and CLIs at this server."""
+    def env(self, identity: str | None = None) -> dict[str, str]:
+        """Standard AWS variables that point SDKs and CLIs at this server (as ``identity``, if named)."""
+        user = self.identities[identity] if identity is not None else None
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": user.access_key if user else self.access_key,
+            "AWS_SECRET_ACCESS_KEY": user.secret_key if user else self.secret_key,
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_DEFAULT_REGION": REGION,
         }

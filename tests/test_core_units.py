@@ -95,10 +95,30 @@ def test_video_paths_resolve_and_reject_escapes(tmp_path):
     for bad in ("../etc/passwd", "a/../../b.mp4", "s3://b/p/../secret.mp4", "", "a\x00b"):
         with pytest.raises(UnsafePathError):
             resolve_video(bad, s3cfg)
+    # `..` is refused as written, absolute or not, with or without roots: never normalised into a path
+    for climbing in ("/data/videos/../../proc/self/environ", "/data/videos/..", "s3://b/p/..\\q.mp4"):
+        for cfg_ in (s3cfg, _cfg(allowed_roots=["/data/videos", "s3://b/p/"])):
+            with pytest.raises(UnsafePathError, match="'..' is not allowed"):
+                resolve_video(climbing, cfg_)
     jailed = _cfg(meta_path=str(tmp_path / "meta.csv"), allowed_roots=[str(tmp_path)])
     assert resolve_video("ok.mp4", jailed)
     with pytest.raises(UnsafePathError):
         resolve_video("/etc/hostname", jailed)
+    (tmp_path / "out").symlink_to("/etc")
+    with pytest.raises(UnsafePathError, match="outside the allowed roots"):  # a symlink out of a root is outside
+        resolve_video(str(tmp_path / "out" / "hostname"), jailed)
+    s3_jailed = _cfg(allowed_roots=["s3://b/p/"])
+    assert resolve_video("s3://b/p/x.mp4", s3_jailed) == "s3://b/p/x.mp4"
+    for outside in ("s3://other-bucket/p/x.mp4", "s3://b/px/x.mp4", "s3://b/x.mp4", "/etc/passwd"):
+        with pytest.raises(UnsafePathError, match="outside the allowed roots"):
+            resolve_video(outside, s3_jailed)
+
+
+def test_allowed_roots_must_be_absolute_and_must_not_climb():
+    assert _cfg(allowed_roots=["s3://b", "s3://b/p/", "/data/videos"]).allowed_roots
+    for bad in ("s3://b/p/../q/", "/data/../etc", "videos", "", "s3:///p"):
+        with pytest.raises(ValueError):
+            _cfg(allowed_roots=[bad])
 
 
 def test_model_dir_problems_are_named_up_front(tmp_path):

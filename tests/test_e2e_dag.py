@@ -113,6 +113,35 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
     assert {p: r for p, r in _table(conn).items() if p in table} == table  # no other row changed
 
 
+def test_a_row_planted_outside_the_partition_fails_unread_under_the_dags_allowed_root(curation_world, s3_server):
+    """Issue 25 #8 through Airflow: the metadata table gains a row of this partition that scrape never listed,
+    naming a real video in another bucket (the filter probes it with its own, broad connection and keeps it).
+    The caption task's ranks get the partition's prefix as their only allowed root (video_curation's default),
+    so the row fails unread and the partition's own videos are captioned."""
+    env, bucket, client, conn, expected = curation_world
+    other = s3_server.create_bucket(f"other-{uuid.uuid4().hex[:8]}")
+    client.upload_file(str(ensure_clip(LATE, env.home)), other, "private/planted.mp4")
+    planted = f"s3://{other}/private/planted.mp4"
+    metadb.ensure_partition(conn, KEY)
+    metadb.run_many(conn, "register", [{"partition_key": KEY, "path": planted, "size_bytes": 1}])
+    conf = {"bucket": bucket, "shard_size": 100, "caption_options": TINY_CAPTION_OPTIONS}
+    run = env.dags_test("video_curation", KEY, conf)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+
+    root = f"s3://{bucket}/incoming/{KEY}/"
+    [(_, _, shards)] = env.task_results("video_curation", "filter")
+    assert [s["allowed_roots"] for s in shards] == [[root]], shards
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT path, filter_status, caption_status, caption_error, text FROM video_meta "
+                    "WHERE partition_key = %s", (KEY,))
+        table = {row[0]: row[1:] for row in cur.fetchall()}
+    status, caption_status, error, text = table[planted]
+    assert (status, caption_status, text) == ("kept", "failed", ""), table[planted]
+    assert "outside the allowed roots" in error and root in error, error
+    assert {p: (table[p][0], table[p][1], table[p][3]) for p in expected} == {
+        p: ("kept", "ok", caption) for p, caption in expected.items()}
+
+
 def test_database_down_at_write_back_then_the_airflow_retry_completes(curation_world, pg_server):
     """Drill 8 through Airflow: PostgreSQL is down when `train` starts its write-back; that try fails,
     the database comes back, and Airflow's retry writes every caption."""

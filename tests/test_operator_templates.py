@@ -55,12 +55,36 @@ def _rendered(**caption_options) -> AscendCaptionOperator:
 
 
 @pytest.mark.parametrize("owned", ["output", "pretrained_model_name_or_path", "meta_path", "skip_if_existing",
-                                   "allow_pickled_weights"])
+                                   "allow_pickled_weights", "allowed_root", "allowed_roots"])
 def test_caption_options_may_not_override_what_the_operator_owns(owned):
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match=f"caption_options may not set .*{owned}"):
         _rendered(**{owned: "s3://elsewhere/x.csv", "bs": 2})._script_args()
+
+
+def _roots(op: AscendCaptionOperator) -> list[str]:
+    from captioning_core.cli import build_parser
+
+    return build_parser("qwen2vl").parse_args(op._script_args()).allowed_roots
+
+
+def test_the_ranks_read_only_under_the_allowed_roots_by_default_the_meta_bucket(capfd):
+    """Not given: the meta CSV's bucket; given (templated list): exactly those; ``[]``: anything, with a warning."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert _roots(_rendered(bs=2)) == ["s3://b/"]
+    op = AscendCaptionOperator(task_id="c", meta_path="s3://b/meta/k/m.csv", model_dir="/m",
+                               allowed_roots=["s3://b/{{ params.prefix }}/{{ ds }}/", "/mnt/{{ params.prefix }}"])
+    op.render_template_fields({"ds": "2026-11-22", "params": {"prefix": "incoming"}})
+    assert _roots(op) == ["s3://b/incoming/2026-11-22/", "/mnt/incoming"]
+    op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m", allowed_roots=[])
+    assert _roots(op) == []
+    assert "allowed_roots is empty" in "".join(capfd.readouterr())  # the task log (structlog, to stderr)
+    for bad in (["s3://b/incoming/../meta/"], ["relative/dir"], [""], "s3://b/incoming/"):
+        op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m", allowed_roots=bad)
+        with pytest.raises(AirflowFailException, match="allowed_roots"):
+            op._script_args()
 
 
 def test_leading_dashes_in_values_are_data_for_the_rank_parser():

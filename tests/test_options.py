@@ -104,9 +104,10 @@ def test_the_operator_owns_what_it_puts_on_the_argv():
     op = AscendCaptionOperator(task_id="c", meta_path="s3://b/m.csv", model_dir="/m", output_uri="s3://b/o.csv",
                                caption_options={"bs": 2})
     flags = {a.split("=")[0].lstrip("-") for a in op._script_args()[:-2]} - {"bs"}
-    assert flags == {"pretrained_model_name_or_path", "output", "skip_if_existing"}
+    assert flags == {"pretrained_model_name_or_path", "output", "skip_if_existing", "allowed_root"}
     assert flags | {"meta_path"} <= OWNED_OPTIONS
-    assert arguments.owned_options() == flags | {"meta_path"}
+    # by field name and by flag: either spelling in caption_options would reach --allowed_root
+    assert arguments.owned_options() == flags | {"meta_path", "allowed_roots"}
 
 
 def test_the_operator_parses_once_and_fingerprints_as_the_ranks_do():

@@ -5,7 +5,9 @@ without launching anything; a retry resumes from the row journal; a fenced S3 le
 the same partition from running at once (operators.lease), and an attempt that loses it stops msrun.
 
 Trust boundaries: the operator owns the rank's argv (``caption_options`` may not override the meta path,
-output, model dir or skip flag, and every value is passed as ``--key=value``, so a leading dash is data),
+output, model dir, skip flag or allowed roots, and every value is passed as ``--key=value``, so a leading dash
+is data), what the ranks may read (``--allowed_root``: the operator's ``allowed_roots``, by default the meta
+CSV's bucket, so a row naming ``/etc/passwd`` or another bucket fails as that row's failure, unread),
 the ranks' environment (an allow-list, operators.msrun_hook.rank_environment: no ``AIRFLOW__*`` setting,
 Fernet key or database URI reaches a rank; the DAG's ``env`` is limited to tuning variables by
 operators.rank_env, so it cannot open a gate below), fault injection (only with
@@ -129,7 +131,17 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     :param output_uri: output CSV URI; default ``{stem}_caption_{model}{ext}`` beside the input (templated)
     :param caption_options: the caption script's arguments by their seed names, e.g.
         ``{"question": ..., "max_new_tokens": 200, "bs": 1, "fps": 4, "device_target": "Ascend"}`` (templated).
-        Options the operator owns (``OWNED_OPTIONS``: meta path, output, model dir, skip flag) are refused.
+        Options the operator owns (``OWNED_OPTIONS``: meta path, output, model dir, skip flag, allowed roots) are
+        refused.
+    :param allowed_roots: where the ranks may read videos: absolute local directories and ``s3://bucket/prefix``
+        roots, passed to every rank as ``--allowed_root`` (templated; a list). A row whose path lies elsewhere,
+        or has a ``..`` segment, fails as that row's failure before anything is read. Not given (None): the
+        meta CSV's bucket, ``s3://<bucket>/``. That is what the task was pointed at and what its connection is
+        for; a tighter root (video_curation passes its partition's ``incoming/<key>/`` prefix) is better, and
+        a partition whose videos live in another bucket or on a local mount must name them. The operator cannot
+        know a tighter default (a meta row may name any key), and staying permissive would let whoever writes a
+        meta CSV make the NPU hosts read any local file (``/proc/self/environ`` holds the ranks' S3 keys) or
+        any bucket the connection can read. ``[]``: no restriction, logged as a warning.
     :param skip_if_existing: return at once, launching nothing, if the output exists and was made with this
         task's settings (default True). An output made with other settings (model, checkpoint, prompt,
         generation or sampling options, dtype: its summary's fingerprint) fails the task, naming both.
@@ -159,8 +171,9 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
 
     template_fields: Sequence[str] = ("meta_path", "model", "model_dir", "output_uri", "caption_options",
                                       "worker_num", "local_worker_num", "msrun_options", "log_dir", "env",
-                                      "recaption")
-    template_fields_renderers = {"caption_options": "json", "msrun_options": "json", "env": "json"}
+                                      "recaption", "allowed_roots")
+    template_fields_renderers = {"caption_options": "json", "msrun_options": "json", "env": "json",
+                                 "allowed_roots": "json"}
     ui_color = "#e8f1d4"
     operator_extra_links = (CaptionGalleryLink(), CaptionOutputLink())
 
@@ -170,7 +183,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
                  env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
                  kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
-                 recaption: bool = False, **kwargs) -> None:
+                 recaption: bool = False, allowed_roots: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
         super().__init__(**kwargs)
         self.meta_path = meta_path
@@ -192,6 +205,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self.allow_fault_injection = allow_fault_injection
         self.allow_pickled_weights = allow_pickled_weights
         self.recaption = recaption
+        self.allowed_roots = allowed_roots  # None: the meta CSV's bucket (_allowed_roots)
         self._recaptioning = False  # the existing output was made with other settings and is being replaced
         self._hook: MsrunHook | None = None
         self._killed = None  # threading.Event, made in execute (operators are deep-copied before it)
@@ -283,7 +297,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     def _caption_args(self) -> tuple[list[str], Any]:
         """The caption script's argv without the skip flag, and its parse by the ranks' own parser: made once
         per set of inputs (``_check_caption_args``), then reused to launch and to fingerprint."""
-        inputs = (self.model, self.model_dir, self.output_uri, self.meta_path, repr(self.caption_options))
+        inputs = (self.model, self.model_dir, self.output_uri, self.meta_path, repr(self.caption_options),
+                  repr(self.allowed_roots))
         if self._parsed is None or self._parsed[0] != inputs:
             self._parsed, self._config = (inputs, *self._check_caption_args()), None
         return self._parsed[1], self._parsed[2]
@@ -296,19 +311,45 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         if owned:
             raise AirflowFailException(
                 f"caption_options may not set {', '.join(owned)}: the operator owns them (use the operator's "
-                f"meta_path, output_uri, model_dir, skip_if_existing and allow_pickled_weights arguments)")
+                f"meta_path, output_uri, model_dir, skip_if_existing, allowed_roots and allow_pickled_weights "
+                f"arguments)")
         try:
             options = caption_argv(self.caption_options)
         except ValueError as err:
             raise AirflowFailException(f"invalid caption options: {err}") from err
+        roots = [f"--allowed_root={root}" for root in self._allowed_roots()]
         args = [f"--pretrained_model_name_or_path={self.model_dir}", f"--output={self.output_uri}", *options,
-                "--", self.meta_path]  # positional after `--`: a meta path is never read as an option
+                *roots, "--", self.meta_path]  # positional after `--`: a meta path is never read as an option
         from captioning_core.arguments import build_parser  # argparse only: no model code is imported
 
         try:
             return args, build_parser(self.model).parse_args(args)
         except SystemExit as err:
             raise AirflowFailException(f"invalid caption options {self.caption_options}") from err
+
+    def _allowed_roots(self) -> list[str]:
+        """The ranks' ``--allowed_root`` values: ``allowed_roots``, checked, or the meta CSV's bucket if None."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from captioning_core.paths import check_root
+        from captioning_core.storage import is_s3
+
+        if self.allowed_roots is None:
+            # a meta path that is not on S3 never runs (execute reads it from S3): no default to derive
+            return [f"s3://{split_s3(self.meta_path)[0]}/"] if is_s3(str(self.meta_path)) else []
+        if not isinstance(self.allowed_roots, list | tuple):
+            raise AirflowFailException(f"allowed_roots must render to a list (use render_template_as_native_obj "
+                                       f"for a templated list), got {self.allowed_roots!r:.200}")
+        roots = [str(root) for root in self.allowed_roots]
+        for root in roots:
+            try:
+                check_root(root)
+            except ValueError as err:
+                raise AirflowFailException(f"invalid allowed_roots: {err}") from err
+        if not roots:
+            self.log.warning("allowed_roots is empty: the ranks will read any local path or S3 object a meta row "
+                             "names (the S3 connection's own permissions are then the only limit)")
+        return roots
 
     def _script_args(self) -> list[str]:
         """The caption script's argv: ``_caption_args`` with ``--skip_if_existing`` unless recaptioning."""
