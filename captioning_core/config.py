@@ -76,10 +76,10 @@ class RunConfig:
                                    help="seconds one video's decoding may take in its decoder process (0: no "
                                         "limit); a decode over it is killed and the row is transient, retried "
                                         "up to --max_row_attempts")
-    max_decode_bytes: int = option(8 << 30, role=SPEED,
+    max_decode_bytes: int = option(24 << 30, role=SPEED,
                                    help="most bytes of raw RGB frames one video's decoding may produce (frames x "
                                         "stored height x width x 3; 0: no cap); a video over it fails before "
-                                        "decoding. 8 GiB holds 768 frames of 1080p")
+                                        "decoding. The default holds the frame cap (768) of DCI 4K, 19 GiB")
     prefetch_batches: int = option(2, help="batches decoded ahead of the model", role=SPEED)
     prefetch_bytes: int = option(1 << 30, role=SPEED,  # one 4K 10-min clip ~0.6 GB
                                  help="most bytes of prepared tensors held ahead of the model (a 4K 10-minute "
