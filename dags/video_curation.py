@@ -180,6 +180,8 @@ with DAG(
         # A retry on another host waits for the dead try's partition lease to expire: keep it short where
         # hosts can vanish (the lease is renewed every ttl/3 while msrun runs).
         lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL_SECONDS", "60")),
+        # Another run of the key holds the lease: look again this often, rescheduled, without a pool slot.
+        lease_poke=float(os.environ.get("CAPTION_LEASE_POKE_SECONDS", "30")),
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
         retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
     ).expand_kwargs(shards)

@@ -31,7 +31,7 @@ from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 from captioning_core.arguments import owned_options
 from captioning_core.layout import PartitionLayout
 from operators import rank_env
-from operators.lease import LeaseCancelled, S3Lease
+from operators.lease import LeaseCancelled, LeaseHeldError, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port, port_for
 
@@ -160,7 +160,12 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         locale, ``CAPTION_*`` except the gated ones); ``AIRFLOW*``, ``AWS_*``, ``LD_PRELOAD``, ``PATH`` and
         the like are refused. The rest of the ranks' environment is an allow-list of the worker's.
     :param lease_ttl: seconds a partition lease lives without renewal (renewed every quarter of it)
-    :param lease_wait: seconds to wait for another attempt's lease before failing
+    :param lease_wait: seconds in all to wait while another attempt holds the partition's lease, then fail
+        (retryable: LeaseHeldError). The task waits *without* its pool slot: it looks once, and if the lease is
+        held it is rescheduled (``UP_FOR_RESCHEDULE``: the slot and the worker go to other tasks) and looks
+        again ``lease_poke`` seconds later, for up to ``lease_wait`` seconds since its first look. When the
+        other attempt has published, the next look finds the output and launches nothing.
+    :param lease_poke: seconds between those looks (default 30)
     :param kill_grace: seconds the ranks get to stop after SIGTERM before SIGKILL. Keep it under 5 s: when
         the task is stopped from outside, Airflow's supervisor SIGKILLs the task's process group 5 s after
         its SIGTERM (msrun and the ranks then die with it; finished rows are journaled either way).
@@ -182,6 +187,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                  worker_num: int = 2, local_worker_num: int = 2, msrun_options: dict[str, Any] | None = None,
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
                  env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
+                 lease_poke: float = 30.0,
                  kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
                  recaption: bool = False, allowed_roots: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
@@ -201,6 +207,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self.env = env if env is not None else {}
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        self.lease_poke = lease_poke
         self.kill_grace = kill_grace
         self.allow_fault_injection = allow_fault_injection
         self.allow_pickled_weights = allow_pickled_weights
@@ -438,7 +445,9 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                                 f"{ti.task_id}/{ti.map_index}/try{ti.try_number}", ttl=self.lease_ttl,
                                 on_lost=self._lease_lost)
                 try:
-                    lease.acquire(wait=self.lease_wait, cancel=self._killed)
+                    lease.acquire(wait=0, cancel=self._killed)
+                except LeaseHeldError as err:
+                    self._wait_without_a_slot(context, err)
                 except LeaseCancelled as err:
                     raise AirflowFailException(str(err)) from err
                 rank_env = {**rank_env, **lease.fence().env()}  # the ranks publish only while we hold it
@@ -463,6 +472,22 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         context["outlet_events"][AssetAlias(CAPTIONS_ALIAS)].add(Asset(self.output_uri), extra=result)
         self.lineage_result = result
         return result
+
+    def _wait_without_a_slot(self, context: Context, held: LeaseHeldError) -> None:
+        """Another attempt holds the partition: give the pool slot back and look again later (reschedule),
+        for up to ``lease_wait`` seconds since this try's first look; then fail, retryable."""
+        from datetime import UTC, datetime, timedelta
+
+        from airflow.sdk.exceptions import AirflowRescheduleException
+
+        now = datetime.now(UTC)
+        first = context["ti"].get_first_reschedule_date(context)
+        waited = (now - first).total_seconds() if first is not None else 0.0
+        if waited + self.lease_poke > self.lease_wait:
+            raise LeaseHeldError(f"{held}; waited {waited:.0f}s of lease_wait {self.lease_wait:.0f}s") from held
+        self.log.info("%s; rescheduled to look again in %.0fs, its pool slot released (waited %.0fs of %.0fs)",
+                      held, self.lease_poke, waited, self.lease_wait)
+        raise AirflowRescheduleException(now + timedelta(seconds=self.lease_poke))
 
     def _run_hook(self, lease: S3Lease | None) -> None:
         hook = self._hook
