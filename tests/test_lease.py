@@ -286,9 +286,10 @@ def _lease_holder(client, bucket: str, key: str, pid: int) -> dict | None:
 
 
 @pytest.mark.e2e
-def test_a_kill_while_waiting_for_the_lease_launches_nothing(s3_server, s3_bucket, tmp_path):
-    """SIGTERM to the task process (the supervisor's stop) while the operator waits for another attempt's
-    lease: on_kill cancels the wait, the task fails at once saying so, and msrun never starts."""
+def test_a_held_lease_reschedules_the_task_and_fails_it_after_lease_wait(s3_server, s3_bucket, tmp_path):
+    """Issue 25 #13: another attempt's live lease. The task does not wait in its slot: each look that finds the
+    lease held reschedules it (UP_FOR_RESCHEDULE, no retry used), and once ``lease_wait`` has passed since its
+    first look it fails, naming the holder. msrun never starts and the other attempt's lease is untouched."""
     client = _client(s3_server)
     meta = f"s3://{s3_bucket}/wait/meta.csv"
     client.put_object(Bucket=s3_bucket, Key="wait/meta.csv", Body=b"path\ns3://x/y.mp4\n")
@@ -296,30 +297,15 @@ def test_a_kill_while_waiting_for_the_lease_launches_nothing(s3_server, s3_bucke
              "expires_at": time.time() + 600}
     client.put_object(Bucket=s3_bucket, Key="wait/out.csv.lease", Body=json.dumps(other).encode())
     env = AirflowEnv(tmp_path / "airflow", s3_server.env(), "postgresql://unused", dags_folder=DAGS,
-                     extra={"CAPTION_RETRIES": "1"})
+                     extra={"CAPTION_RETRIES": "0", "CAPTION_LEASE_WAIT": "8", "CAPTION_LEASE_POKE": "2"})
     env.migrate()
     conf = {"meta_path": meta, "output_uri": f"s3://{s3_bucket}/wait/out.csv", "caption_options": TINY_CAPTION_OPTIONS}
-    cmd = [str(Path(sys.executable).with_name("airflow")), "dags", "test", "caption_drill", DATE, "-c", json.dumps(conf)]
-    task = subprocess.Popen(cmd, env=env.env(), cwd=env.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines = []
-    try:
-        for line in task.stdout:
-            lines.append(line)
-            if "partition is leased by another-host-attempt" in line:
-                break
-        os.kill(task.pid, signal.SIGTERM)
-        killed_at = time.monotonic()
-        lines += task.stdout.readlines()
-        task.wait(timeout=120)
-        stopped_after = time.monotonic() - killed_at
-    finally:
-        if task.poll() is None:
-            task.kill()
-    out = "".join(lines)
-    assert "stopped waiting for the partition lease" in out and "the task was killed" in out, out[-3000:]
-    assert stopped_after < 60
-    assert [(t, s) for _, t, s in env.task_tries("caption_drill", "caption")] == [(1, "failed")]  # no retry
+    proc = env.dags_test("caption_drill", DATE, conf)
+    out = proc.stdout + proc.stderr
+    looks = out.count("is held by another-host-attempt; rescheduled to look again in 2s, its pool slot released")
+    assert looks >= 2, out[-3000:]
+    assert "LeaseHeldError" in out and "of lease_wait 8s" in out, out[-3000:]
+    assert {(t, s) for _, t, s in env.task_tries("caption_drill", "caption")} == {(1, "failed")}  # no retry used
     assert not list(env.msrun_log_root.rglob("*"))  # msrun never started
     body = json.loads(client.get_object(Bucket=s3_bucket, Key="wait/out.csv.lease")["Body"].read())
     assert body["token"] == "another-host-attempt"  # the other attempt's lease is untouched

@@ -31,7 +31,7 @@ from airflow.sdk import AssetAlias, BaseOperator, BaseOperatorLink, Context
 from captioning_core.arguments import owned_options
 from captioning_core.layout import PartitionLayout
 from operators import rank_env
-from operators.lease import LeaseCancelled, LeaseHeldError, S3Lease
+from operators.lease import LeaseHeldError, S3Lease
 from operators.lineage import CaptionLineageMixin
 from operators.msrun_hook import MsrunHook, MsrunSpec, pick_free_port, port_for
 
@@ -163,7 +163,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     :param lease_wait: seconds in all to wait while another attempt holds the partition's lease, then fail
         (retryable: LeaseHeldError). The task waits *without* its pool slot: it looks once, and if the lease is
         held it is rescheduled (``UP_FOR_RESCHEDULE``: the slot and the worker go to other tasks) and looks
-        again ``lease_poke`` seconds later, for up to ``lease_wait`` seconds since its first look. When the
+        again ``lease_poke`` seconds later, for up to ``lease_wait`` seconds since its first look (over all its
+        tries: a retry that finds the lease still held fails at once). When the
         other attempt has published, the next look finds the output and launches nothing.
     :param lease_poke: seconds between those looks (default 30)
     :param kill_grace: seconds the ranks get to stop after SIGTERM before SIGKILL. Keep it under 5 s: when
@@ -448,8 +449,6 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                     lease.acquire(wait=0, cancel=self._killed)
                 except LeaseHeldError as err:
                     self._wait_without_a_slot(context, err)
-                except LeaseCancelled as err:
-                    raise AirflowFailException(str(err)) from err
                 rank_env = {**rank_env, **lease.fence().env()}  # the ranks publish only while we hold it
             try:
                 if self.skip_if_existing and not self._recaptioning and self._finished(hook):

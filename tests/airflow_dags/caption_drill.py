@@ -3,7 +3,7 @@
 Only tests load this folder (testkit.airflow_env.AirflowEnv with ``dags_folder``); production DAGs live in
 ``dags/``. Retries come from CAPTION_RETRIES with a 1 s delay so a retry drill runs in seconds. Fault injection
 is allowed here (``allow_fault_injection=True``; drills set CAPTION_FAULTS), never in production DAGs.
-CAPTION_EXECUTION_TIMEOUT, CAPTION_KILL_GRACE, CAPTION_LEASE_TTL and CAPTION_LEASE_POKE (seconds) tune the kill
+CAPTION_EXECUTION_TIMEOUT, CAPTION_KILL_GRACE, CAPTION_LEASE_TTL, CAPTION_LEASE_POKE and CAPTION_LEASE_WAIT (seconds) tune the kill
 and lease drills.
 """
 
@@ -49,6 +49,7 @@ with DAG(
         kill_grace=float(os.environ.get("CAPTION_KILL_GRACE", "4")),
         lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL", "60")),
         lease_poke=float(os.environ.get("CAPTION_LEASE_POKE", "3")),
+        lease_wait=float(os.environ.get("CAPTION_LEASE_WAIT", "600")),
         execution_timeout=timedelta(seconds=float(os.environ["CAPTION_EXECUTION_TIMEOUT"]))
         if os.environ.get("CAPTION_EXECUTION_TIMEOUT") else None,
     )
