@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import shutil
 import sys
@@ -31,6 +32,9 @@ from testkit.s3server import SeaweedS3
 
 log = logging.getLogger("demo")
 BUCKET = "curation"
+# video_curation's shards are named at run time by its filter task: the gallery view serves their outputs only
+# under prefixes the API server's configuration names (plugins/caption_gallery_scope.py)
+GALLERY_SCOPE = {"AIRFLOW__CAPTION_GALLERY__OUTPUT_PREFIXES": json.dumps({"video_curation": [f"s3://{BUCKET}/meta/"]})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         pg.create_database("curation")
         conn = pg.connect("curation")
         metadb.apply_schema(conn)
-        airflow = AirflowEnv(out / "airflow", s3.env(), pg.uri_for("curation"))
+        airflow = AirflowEnv(out / "airflow", s3.env(), pg.uri_for("curation"), extra=dict(GALLERY_SCOPE))
         if args.cluster:
             pg.create_database("airflow")
             s3.create_bucket("airflow-logs")

@@ -11,9 +11,13 @@ The DAG is not guessed from the bucket or key, and not fixed to one configured D
 instance that produced the object, and the object must be one that task instance recorded. The record is
 the operator's own extra-link XCom (``_link_CaptionOutputLink``, written by Airflow when the task ends),
 which holds the output's connection, bucket and key; only that output, its summary and the files of its
-gallery folder (``captioning_core.layout``) are served (else 404). So a user sees exactly the galleries of DAGs whose task
-instances they may read, the same rule as the task's own log and XCom in the UI, and a URL naming another
-DAG's run cannot reach this DAG's objects. Connections are also limited to ``$CAPTION_GALLERY_CONN_IDS``
+gallery folder (``captioning_core.layout``) are served (else 404). The XCom is not proof on its own: the
+DAG's own tasks and the XCom REST API can write it, naming another DAG's output. So the recorded output must
+also lie under a prefix the producing task allows, derived from what those cannot write: the API server's
+``[caption_gallery] output_prefixes`` or the task as the dag processor serialized it (caption_gallery_scope;
+else 404). So a user sees exactly the galleries of DAGs whose task instances they may read, the same rule as
+the task's own log and XCom in the UI, and neither a URL naming another DAG's run nor a link planted in
+another DAG's XCom reaches this DAG's objects. Connections are also limited to ``$CAPTION_GALLERY_CONN_IDS``
 (default ``caption_s3``).
 
 What is served is data, never code on Airflow's origin: anyone who can write to the bucket could plant
@@ -104,6 +108,14 @@ def _recorded_output(dag_id: str, run_id: str, task_id: str, map_index: int) -> 
     return parse_link(url if isinstance(url, str) else "")
 
 
+def _bound(recorded: tuple[str, str, str], dag_id: str, run_id: str, task_id: str, map_index: int) -> bool:
+    """The recorded output lies under a prefix the producing task allows (caption_gallery_scope): the XCom
+    alone can be written by the DAG's own tasks and by the XCom REST API."""
+    from caption_gallery_scope import allowed_prefixes, within
+
+    return within(f"s3://{recorded[1]}/{recorded[2]}", allowed_prefixes(dag_id, run_id, task_id, map_index))
+
+
 async def current_user(request: Request):
     """The API server's own ``get_user``: a Bearer token, else the UI's session cookie; none -> 401.
 
@@ -153,7 +165,7 @@ def serve(dag_id: str, run_id: str, task_id: str, map_index: int, conn_id: str, 
     allowed = {c.strip() for c in os.environ.get("CAPTION_GALLERY_CONN_IDS", "caption_s3").split(",") if c.strip()}
     recorded = _recorded_output(dag_id, run_id, task_id, map_index)
     if (conn_id not in allowed or recorded is None or recorded[:2] != (conn_id, bucket)
-            or not allowed_key(key, recorded[2])):
+            or not allowed_key(key, recorded[2]) or not _bound(recorded, dag_id, run_id, task_id, map_index)):
         raise HTTPException(status_code=404, detail="not a caption gallery object of this task instance")
     try:
         obj = _client(conn_id).get_object(Bucket=bucket, Key=key)

@@ -188,6 +188,50 @@ def test_gallery_view_only_serves_caption_objects():
         assert not allowed_key(key), key
 
 
+def _serialized_caption_task(**kwargs):
+    """The caption task as the dag processor stores it and the API server reads it back."""
+    import datetime
+
+    from airflow.sdk import DAG
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    with DAG("d", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        if "expand" in kwargs:
+            AscendCaptionOperator.partial(task_id="caption", model_dir="/m").expand_kwargs(kwargs["expand"])
+        else:
+            AscendCaptionOperator(task_id="caption", model_dir="/m", **kwargs)
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag)).get_task("caption")
+
+
+def test_gallery_scope_binds_outputs_to_the_serialized_task_or_the_configuration():
+    import caption_gallery_scope as scope
+
+    params = {"bucket": "b", "out": "s3://b/x/captions.csv", "n": 3}
+    assert scope.template_prefix("s3://{{ params.bucket }}/t/{{ run_id }}/c.csv", params) == "s3://b/t/"
+    assert scope.template_prefix("{{params.out}}", params) == "s3://b/x/captions.csv"
+    assert scope.template_prefix("s3://{{ params.n }}/", params) == "s3://"  # only strings are substituted
+    assert scope.template_prefix("s3://{{ params.bucket | lower }}/", params) == "s3://"  # filters are not run
+    assert scope.template_prefix("s3://b/{% if 1 %}a{% endif %}", params) == "s3://b/"
+
+    def derived(**kwargs) -> tuple[str, ...]:
+        return scope.derived_prefixes(scope.task_fields(_serialized_caption_task(**kwargs)), params)
+
+    assert derived(meta_path="s3://b/p/meta.csv", output_uri="s3://{{ params.bucket }}/t/{{ ds }}.csv") == (
+        "s3://b/t/",)
+    assert derived(meta_path="s3://b/p/{{ ds }}/meta.csv") == ("s3://b/p/",)  # the default output: beside it
+    assert derived(meta_path="s3://b/p/meta.csv", output_uri="{{ params.out }}") == ("s3://b/x/captions.csv",)
+    assert derived(meta_path="{{ params.meta }}") == ()  # no bucket named: nothing binds
+    assert derived(meta_path="s3://{{ ti.xcom_pull('up') }}/meta.csv") == ()
+    assert derived(expand=[{"meta_path": "s3://b/p/meta.csv"}]) == ()  # map inputs could name any output
+
+    configured = scope.configured_prefixes('{"v": ["s3://b/meta/", "s3://", "s3://b"], "w": []}')
+    assert configured == {"v": ("s3://b/meta/",), "w": ()}  # a prefix must name a bucket
+    assert scope.configured_prefixes("") == {} and scope.configured_prefixes("[1]") is None
+    assert scope.within("s3://b/t/run/c.csv", ("s3://b/t/",)) and not scope.within("s3://b/u/c.csv", ("s3://b/t/",))
+    for sneaky in ("s3://b/t/../a/c.csv", "s3://b/t/./c.csv", "s3://b/t//c.csv"):
+        assert not scope.within(sneaky, ("s3://b/t/",)), sneaky
+
+
 def test_extra_links_point_at_the_gallery_view_of_the_task_instance():
     from airflow.models.taskinstancekey import TaskInstanceKey
 

@@ -12,6 +12,7 @@ dag-processor on 127.0.0.1 (LocalExecutor, so tasks run under the real superviso
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import threading
 import time
@@ -34,6 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 KEY = "2026-11-19"
 USERS = {"admin": "admin", "viewer": "viewer", "nobody": ""}  # "nobody" logs in but has no role
 CSP = "content-security-policy"
+# video_curation's shards are named at run time by its filter task, so its galleries are served only under
+# prefixes the API server's configuration names (caption_gallery_scope)
+BUCKET = f"curation-ui-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,9 @@ def ui(s3_server, pg_server, tmp_path_factory):
     conn.close()
     # faults reach only the drill DAG (allow_fault_injection=True); the production operator drops them
     env = AirflowEnv(tmp_path_factory.mktemp("airflow-ui"), s3_server.env(), pg_server.uri_for(f"curation_{suffix}"),
-                     dags_folder=dags, extra={"CAPTION_FAULTS": "slow@0:1/try1,slow@1:1/try1"})
+                     dags_folder=dags, extra={"CAPTION_FAULTS": "slow@0:1/try1,slow@1:1/try1",
+                                               "AIRFLOW__CAPTION_GALLERY__OUTPUT_PREFIXES":
+                                                   json.dumps({"video_curation": [f"s3://{BUCKET}/meta/"]})})
     with AirflowServices(env, pg_server.uri_for(f"airflow_{suffix}"), users=USERS) as af:
         af.wait_for_dag("video_curation")
         af.wait_for_dag("caption_drill")
@@ -84,7 +90,7 @@ class _Canary:
 
 def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_server, tmp_path_factory, tmp_path):
     af = ui
-    bucket = s3_server.create_bucket(f"curation-ui-{uuid.uuid4().hex[:6]}")
+    bucket = s3_server.create_bucket(BUCKET)
     client = s3_server.client()
     clip_dir = tmp_path_factory.mktemp("ui-clips")
     captions = set()
