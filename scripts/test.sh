@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# The whole suite, in two tiers side by side: the compiled-engine parity tier (marker `engine`: single-threaded
-# model processes, ~8 minutes alone) beside everything else, which mostly waits on servers, msrun and Airflow.
-# Both tiers always run to the end; the exit status is non-zero if either failed. Extra arguments go to both.
+# The whole suite in two streams side by side, since most of it waits on servers, msrun and Airflow:
+#   beside: the compiled-engine parity tier (marker `engine`: single-threaded model processes, ~16 minutes
+#           here), then the live-cluster tier (marker `cluster`: Celery, PostgreSQL, Redis; ~12 minutes);
+#   main:   everything else.
+# Every tier always runs to the end; the exit status is non-zero if any failed. Extra arguments go to all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 NARROWED=${1:-}
-log=$(mktemp -t caption-engine-tier.XXXXXX)
-"$PY" -m pytest -m engine -p no:cacheprovider "$@" >"$log" 2>&1 &
-engine_pid=$!
-"$PY" -m pytest -m "not engine" "$@"
+log=$(mktemp -t caption-beside.XXXXXX)
+status=$(mktemp -t caption-beside-status.XXXXXX)
+(
+    "$PY" -m pytest -m engine -p no:cacheprovider "$@"
+    engine=$?
+    echo "=================== cluster tier (pytest -m cluster), after the engine tier ==================="
+    "$PY" -m pytest -m cluster -p no:cacheprovider "$@"
+    echo "$engine $?" >"$status"
+) >"$log" 2>&1 &
+beside_pid=$!
+"$PY" -m pytest -m "not engine and not cluster" "$@"
 main=$?
-wait "$engine_pid"
-engine=$?
+wait "$beside_pid"
+read -r engine cluster <"$status" || { engine=1; cluster=1; }
 echo "=================== engine tier (pytest -m engine), run beside the above ==================="
 cat "$log"
-rm -f "$log"
-echo "main tier exit $main, engine tier exit $engine"
+rm -f "$log" "$status"
+echo "main tier exit $main, engine tier exit $engine, cluster tier exit $cluster"
 ok() {  # pytest's 5 (no test selected) is fine only when the caller narrowed the run with arguments
     [ "$1" -eq 0 ] || { [ "$1" -eq 5 ] && [ -n "$NARROWED" ]; }
 }
-ok "$main" && ok "$engine"
+ok "$main" && ok "$engine" && ok "$cluster"
