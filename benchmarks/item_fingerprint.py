@@ -1,0 +1,110 @@
+"""Item 13: what the full-content checkpoint fingerprint costs, first read vs the host's cached digests.
+
+There is no 15 GB checkpoint here, so the item writes ``fingerprint_gib`` GiB of random bytes as sharded
+safetensors (plus config and a 7 MiB tokenizer.json), then fingerprints the directory three ways:
+
+- first read, cold: each file's pages are dropped from the page cache first (fsync, then
+  ``posix_fadvise(DONTNEED)``, which needs no root); the bytes the kernel fetched from the device
+  (``/proc/self/io`` read_bytes) are printed, so a cold read that was not cold shows;
+- first read, warm: the same with the pages in memory (hashing only; no digest cache);
+- cached digests: the host's digest cache already holds every file (a stat per file).
+
+Seconds are extrapolated linearly to 15 GB. Also measured side by side: SHA-256 vs BLAKE2b over the same
+in-memory bytes (why file_digest uses SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from benchmarks.common import report
+
+GB15 = 15e9
+SHARD_GIB = 1
+
+
+def _write_checkpoint(root: Path, gib: float) -> int:
+    """Shards of random bytes (safetensors-shaped), config.json and tokenizer.json; returns total bytes."""
+    root.mkdir(parents=True)
+    shards = max(1, round(gib / SHARD_GIB))
+    size = int(gib * 2**30) // shards
+    chunk = 16 * 2**20
+    for i in range(shards):
+        header = json.dumps({"w": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [0, size]}}).encode()
+        with (root / f"model-{i + 1:05d}-of-{shards:05d}.safetensors").open("wb") as fh:
+            fh.write(len(header).to_bytes(8, "little") + header)
+            for done in range(0, size, chunk):
+                fh.write(os.urandom(min(chunk, size - done)))
+    (root / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "hidden_size": 1536}))
+    (root / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(500_000)}}}))
+    return sum(p.stat().st_size for p in root.iterdir())
+
+
+def _drop_page_cache(root: Path) -> None:
+    for p in root.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _io() -> dict[str, int]:
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {k: int(v) for k, v in fields.items()}
+
+
+def _timed_fingerprint(root: Path) -> tuple[float, int]:
+    """Seconds of one ``checkpoint_identity`` of ``root`` and the bytes read from the device meanwhile."""
+    from captioning_core import fingerprint
+
+    before = _io()["read_bytes"]
+    t = time.perf_counter()
+    fingerprint.checkpoint_identity(str(root))
+    return time.perf_counter() - t, _io()["read_bytes"] - before
+
+
+def _hash_rates(mib: int = 256) -> dict[str, float]:
+    data = os.urandom(mib * 2**20)
+    rates = {}
+    for name in ("sha256", "blake2b"):
+        t = time.perf_counter()
+        hashlib.new(name, data).hexdigest()
+        rates[name] = mib / 1024 / (time.perf_counter() - t)
+    return rates
+
+
+def bench_fingerprint(work: Path, fingerprint_gib: float = 4.0) -> None:
+    from captioning_core import file_digest
+
+    root = work / "checkpoint"
+    total = _write_checkpoint(root, fingerprint_gib)
+    scale = GB15 / total
+    old = os.environ.get(file_digest.CACHE_ENV)
+    try:
+        time.sleep(file_digest.RACY_SECONDS + 0.1)  # fresh files are hashed but not cached (file_digest.py)
+        os.environ[file_digest.CACHE_ENV] = "off"
+        _drop_page_cache(root)
+        cold, cold_read = _timed_fingerprint(root)
+        warm, _ = _timed_fingerprint(root)
+        os.environ[file_digest.CACHE_ENV] = str(work / "digests.json")
+        _timed_fingerprint(root)  # fills the cache
+        cached, _ = _timed_fingerprint(root)
+    finally:
+        if old is None:
+            os.environ.pop(file_digest.CACHE_ENV, None)
+        else:
+            os.environ[file_digest.CACHE_ENV] = old
+    gib = total / 2**30
+    report(f"13 checkpoint fingerprint, first read (cold page cache: {cold_read / 2**30:.2f} of {gib:.2f} GiB read "
+           f"from the device) vs warm page cache vs cached digests; {gib:.1f} GiB of shards, extrapolated to 15 GB",
+           f"cold {cold:.1f} s ({total / cold / 1e9:.2f} GB/s) -> {cold * scale:.0f} s per 15 GB; warm {warm:.1f} s "
+           f"-> {warm * scale:.0f} s per 15 GB; cached {cached * 1000:.1f} ms", "cached <= 1 s", cached <= 1.0)
+    rates = _hash_rates()
+    report("13 SHA-256 vs BLAKE2b, 256 MiB in memory (one core)",
+           f"{rates['sha256']:.2f} vs {rates['blake2b']:.2f} GiB/s", "report", None)
