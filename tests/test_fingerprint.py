@@ -182,21 +182,40 @@ def test_an_unusable_cache_location_is_not_fatal(tmp_path, monkeypatch):
     assert file_digest.cache_path() is None and fingerprint.checkpoint_identity(str(tmp_path))["files"]
 
 
-def test_processes_hashing_at_once_leave_one_whole_cache_with_every_entry(tmp_path):
-    dirs = []
-    for i in range(4):
-        d = tmp_path / f"m{i}"
+_RANK_LIKE = """
+import json, sys, time
+from pathlib import Path
+from captioning_core import fingerprint
+
+def rchar():
+    return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+start, shared, own = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+time.sleep(max(0.0, start - time.time()))  # every process begins at the same instant
+before = rchar()
+fingerprint.checkpoint_identity(shared)
+print(json.dumps({"shared_read": rchar() - before}))
+fingerprint.checkpoint_identity(own)
+"""
+
+
+def test_processes_fingerprinting_at_once_hash_each_file_once_and_leave_one_whole_cache(tmp_path):
+    mib = 1024 * 1024
+    dirs = [tmp_path / name for name in ("shared", "own0", "own1", "own2", "own3")]
+    for i, d in enumerate(dirs):
         d.mkdir()
         for j in range(3):
-            (d / f"f{j}.bin").write_bytes(random.Random(i * 10 + j).randbytes(2 * 1024 * 1024))
-        dirs.append(d)
+            (d / f"model-{j}.safetensors").write_bytes(random.Random(i * 10 + j).randbytes(8 * mib))
     _aged(*(p for d in dirs for p in d.iterdir()))
-    code = ("import sys\nfrom captioning_core import fingerprint\n"
-            "for d in sys.argv[1:]:\n    fingerprint.checkpoint_identity(d)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(dirs[i]), str(dirs[(i + 1) % 4])], cwd=REPO)
-             for i in range(4)]
-    assert [p.wait(timeout=120) for p in procs] == [0] * 4
-    files = json.loads(file_digest.cache_path().read_text())["files"]
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_LIKE, str(start), str(dirs[0]), str(own)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for own in dirs[1:]]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert time.time() > start + 0.05  # they did run together (none was done before the start)
+    # one process read the shared checkpoint (24 MiB); the three others waited on the lock and reused its digests
+    assert sum(json.loads(out)["shared_read"] for out in outs) < 2 * 24 * mib
+    files = json.loads(file_digest.cache_path().read_text())["files"]  # whole JSON, every process's entries
     assert {os.path.realpath(p) for d in dirs for p in d.iterdir()} <= set(files)
     assert not list(file_digest.cache_path().parent.glob(".*.json.*"))  # no temp file left behind
 
