@@ -16,8 +16,9 @@ change to sampling, resizing or prompting alters captions), and ``runtime``, the
 MindSpore, mindnlp and transformers, read from package metadata (``importlib.metadata``) without importing
 them. The operator computes the fingerprint on the Airflow worker and the ranks in msrun; their runtime
 versions agree because in this project the ranks run in the worker's own virtualenv (MsrunHook starts the
-msrun beside ``sys.executable`` and puts that interpreter first on the ranks' PATH). A deployment whose ranks ran another environment would see every output as made with
-other settings, never silently accept one.
+msrun beside ``sys.executable`` and puts that interpreter first on the ranks' PATH). A deployment whose
+ranks ran another environment would see every output as made with other settings, never silently accept one.
+Both also share the host's digest cache (the ranks inherit ``HOME``, ``XDG_CACHE_HOME`` and ``CAPTION_*``).
 
 Which part an option belongs to is its declared role (``Option.role``, options.py), not a list of names here:
 a new generation option lands in ``generation`` because its field says so. ``arguments.for_script_args`` lets
