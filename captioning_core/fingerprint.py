@@ -7,8 +7,8 @@ prefetching are left out on purpose: they change speed, not the caption a row is
 The checkpoint is identified by content, not by path (a copied model directory keeps its identity): every
 file's name, size and SHA-256 of all its bytes (file_digest.py). Sampling big files missed a fine-tune that
 rewrote 3 MiB inside a 64 MiB shard; a full hash reads the whole checkpoint once per host (~10 CPU s of
-SHA-256 for 15 GB in the page cache, the device's read time from disk: docs/BENCHMARKS.md, item 13), and the host's digest cache
-makes every later fingerprint of unchanged files a stat per file.
+SHA-256 for 15 GB in the page cache, the device's read time from disk: docs/BENCHMARKS.md, item 13), and
+the host's digest cache makes every later fingerprint of unchanged files a stat per file.
 
 Two more parts decide a caption without being options: ``preprocess``, the versions of the preprocessing code
 (``models.base.SHARED_PREPROCESS_VERSION`` and the captioner's ``preprocess_version``, bumped by hand when a
