@@ -44,7 +44,8 @@ RACY_SECONDS = 2.0  # a file changed less than this ago is hashed but not cached
 LOCK_WAIT_SECONDS = 900.0  # then hash without the lock rather than wait on a stuck holder
 #: files hashed at once (hashlib releases the GIL on big updates: shards hash in parallel on a many-core host)
 HASH_THREADS = min(4, os.cpu_count() or 1)
-MAX_ENTRIES = 20_000  # beyond this, entries whose file is gone are dropped
+MAX_ENTRIES = 20_000
+LOG_BYTES = 256 * 1024 * 1024  # hashing more than this is logged (start and seconds)  # beyond this, entries whose file is gone are dropped
 
 
 def cache_path() -> Path | None:
@@ -80,6 +81,11 @@ def digests(paths: Iterable[Path]) -> dict[Path, str]:
         cached = _load(where)  # another process may have hashed them while we waited
         out = {p: cached[real][-1] for p, (real, key) in wanted.items() if _hit(cached, real, key)}
         missing = [p for p in wanted if p not in out]
+        size = sum(wanted[p][1][0] for p in missing)
+        if size > LOG_BYTES:  # a first fingerprint of a real checkpoint takes a while: say why
+            log.info("hashing %d model file(s), %.1f GB, for the fingerprint (then cached in %s)", len(missing),
+                     size / 1e9, where or f"nothing: ${CACHE_ENV} is off")
+        started = time.monotonic()
         with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(missing)))) as pool:
             hashed = dict(zip(missing, pool.map(_hash_checked, missing), strict=True))
         fresh: dict[str, list] = {}
@@ -88,6 +94,8 @@ def digests(paths: Iterable[Path]) -> dict[Path, str]:
             out[p] = digest
             if after == key and time.time_ns() - max(key[1], key[2]) > RACY_SECONDS * 1e9:
                 fresh[real] = [*key, digest]
+        if size > LOG_BYTES:
+            log.info("hashed %d model file(s) in %.1f s", len(missing), time.monotonic() - started)
         if fresh and where is not None:
             _store(where, {**cached, **fresh})
     return out
