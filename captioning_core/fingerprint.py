@@ -1,7 +1,7 @@
 """The identity of what decides a caption, recorded on every journaled row and in the summary.
 
 Two captions of the same video may be reused for each other only if the same model kind, checkpoint,
-prompt, generation options, frame sampling and dtype made them. Batch size, device, world size and
+prompt, generation options, frame sampling, dtype, preprocessing code and model runtime made them. Batch size, device, world size and
 prefetching are left out on purpose: they change speed, not the caption a row is meant to get.
 
 The checkpoint is identified by content, not by path (a copied model directory keeps its identity): every
