@@ -1,5 +1,10 @@
 """The fingerprint: what decides a caption changes it, what only changes speed does not, and the operator can
-compute the ranks' fingerprint from the caption script's argv without importing any model runtime."""
+compute the ranks' fingerprint from the caption script's argv without importing any model runtime.
+
+The checkpoint part hashes every byte (a change the old header-plus-samples hash missed changes it), through
+the host's digest cache (file_digest.py): a hit reads no model file, the key sees a rewrite that keeps size and
+mtime, a corrupt cache is ignored, and processes hashing at once hash each file once. Each test gets its own
+cache file."""
 
 from __future__ import annotations
 
