@@ -29,6 +29,9 @@ printed as such, never hidden.
    as released, loaded through the production captioner under mindnlp on CPU, one 8-token generate on a short
    clip per `--dtypes` entry: load seconds, peak RSS vs the weights' bytes, which dtypes MindSpore's CPU runs
 12. a rank's start-up: ``runtime.import_mindnlp()`` vs a plain ``import mindnlp`` (fresh interpreters)
+13. the checkpoint fingerprint (every byte hashed) on ``--fingerprint_gib`` GiB of sharded safetensors: first read
+   with a cold page cache, first read warm, and with the host's cached digests, extrapolated to 15 GB; and
+   SHA-256 vs BLAKE2b throughput
 
 Item N's code is in ``benchmarks/item_*.py``; what must run in a fresh interpreter (for its timing, imports
 or peak memory) is a child module ``benchmarks/child_*.py``, started by ``benchmarks.children``.
@@ -45,6 +48,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 from benchmarks.item_display import bench_display_overhead
+from benchmarks.item_fingerprint import bench_fingerprint
 from benchmarks.item_join_loop import bench_join_loop
 from benchmarks.item_million import bench_million
 from benchmarks.item_parse import bench_parse
@@ -61,7 +65,7 @@ sys.path.insert(0, str(REPO / "plugins"))  # items 7 and 10 drive operators.msru
 
 BENCHES = {1: bench_throughput, 3: bench_sampling, 4: bench_resume, 5: bench_million, 6: bench_parse,
            7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget,
-           10: bench_join_loop, 11: bench_realsize, 12: bench_rank_import}
+           10: bench_join_loop, 11: bench_realsize, 12: bench_rank_import, 13: bench_fingerprint}
 OPT_IN = {11}  # heavy (GBs of checkpoint and RAM, minutes): only with --only
 
 
@@ -71,6 +75,8 @@ def main() -> int:
     parser.add_argument("--realsize", default="qwen2vl-2b",
                         help="item 11: comma-separated released layouts (qwen2vl-2b, qwen2_5vl-3b)")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32", help="item 11: dtypes to load and run")
+    parser.add_argument("--fingerprint_gib", type=float, default=4.0,
+                        help="item 13: GiB of checkpoint shards to write (in the temp dir, deleted after)")
     args = parser.parse_args()
     chosen = [int(x) for x in args.only.split(",") if x] or sorted(set(BENCHES) - OPT_IN)
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:

@@ -1,14 +1,24 @@
 """The identity of what decides a caption, recorded on every journaled row and in the summary.
 
 Two captions of the same video may be reused for each other only if the same model kind, checkpoint,
-prompt, generation options, frame sampling and dtype made them. Batch size, device, world size and
+prompt, generation options, frame sampling, dtype, preprocessing code and model runtime made them. Batch size, device, world size and
 prefetching are left out on purpose: they change speed, not the caption a row is meant to get.
 
-The checkpoint is identified by content, not by path (a copied model directory keeps its identity):
-every file's name and size, a full SHA-256 of small files (configs, tokenizer) and, for large weight
-files, a SHA-256 of the safetensors header plus 16 evenly spaced 64 KiB samples. That reads ~1 MiB per
-weight file whatever its size, so computing it on a 15 GB checkpoint costs milliseconds, and a fine-tuned
-checkpoint with the same tensor shapes still changes it.
+The checkpoint is identified by content, not by path (a copied model directory keeps its identity): every
+file's name, size and SHA-256 of all its bytes (file_digest.py). Sampling big files missed a fine-tune that
+rewrote 3 MiB inside a 64 MiB shard; a full hash reads the whole checkpoint once per host (~10 CPU s of
+SHA-256 for 15 GB in the page cache, the device's read time from disk: docs/BENCHMARKS.md, item 13), and
+the host's digest cache makes every later fingerprint of unchanged files a stat per file.
+
+Two more parts decide a caption without being options: ``preprocess``, the versions of the preprocessing code
+(``models.base.SHARED_PREPROCESS_VERSION`` and the captioner's ``preprocess_version``, bumped by hand when a
+change to sampling, resizing or prompting alters captions), and ``runtime``, the installed versions of
+MindSpore, mindnlp and transformers, read from package metadata (``importlib.metadata``) without importing
+them. The operator computes the fingerprint on the Airflow worker and the ranks in msrun; their runtime
+versions agree because in this project the ranks run in the worker's own virtualenv (MsrunHook starts the
+msrun beside ``sys.executable`` and puts that interpreter first on the ranks' PATH). A deployment whose
+ranks ran another environment would see every output as made with other settings, never silently accept one.
+Both also share the host's digest cache (the ranks inherit ``HOME``, ``XDG_CACHE_HOME`` and ``CAPTION_*``).
 
 Which part an option belongs to is its declared role (``Option.role``, options.py), not a list of names here:
 a new generation option lands in ``generation`` because its field says so. ``arguments.for_script_args`` lets
@@ -19,58 +29,50 @@ torch or transformers, exactly the dict the ranks record.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
-from captioning_core import options
+from captioning_core import file_digest, options
 from captioning_core.config import RunConfig
+from captioning_core.models import base as captioner_base
 from captioning_core.options import CHECKPOINT, DTYPE, GENERATION, PROMPT, SAMPLING
 
 SUMMARY_KEY = "fingerprint"
 ID_LENGTH = 12
-FULL_HASH_LIMIT = 4 * 1024 * 1024  # files up to this size are hashed whole
-SAMPLES = 16
-SAMPLE_BYTES = 64 * 1024
+#: the distributions whose versions are part of the fingerprint (those that compute a caption)
+RUNTIME_DISTRIBUTIONS = ("mindspore", "mindnlp", "transformers")
 _IGNORED_FILES = (".", "README", "LICENSE")
 
 
-def _file_hash(path: Path, size: int) -> str:
-    """SHA-256 of the whole file if small; else of its safetensors header and evenly spaced samples."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        if size <= FULL_HASH_LIMIT:
-            digest.update(fh.read())
-            return digest.hexdigest()
-        if path.suffix == ".safetensors":
-            head = fh.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            digest.update(head + fh.read(min(header_len, FULL_HASH_LIMIT)))
-        for i in range(SAMPLES):
-            fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
-            digest.update(fh.read(SAMPLE_BYTES))
-    return "sampled:" + digest.hexdigest()
-
-
 def checkpoint_identity(model_dir: str | None) -> dict:
-    """Names, sizes and cheap hashes of every file of a model directory (recursively)."""
+    """Names, sizes and full SHA-256 of every file of a model directory (recursively)."""
     if not model_dir:
         return {}
     root = Path(model_dir)
     if not root.is_dir():
         return {"missing": True}
-    files = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if any(part.startswith(_IGNORED_FILES) for part in rel.split("/")):
-            continue
-        size = path.stat().st_size
-        files.append({"name": rel, "size": size, "sha256": _file_hash(path, size)})
-    return {"files": files}
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and not any(
+        part.startswith(_IGNORED_FILES) for part in p.relative_to(root).parts)]
+    hashed = file_digest.digests(paths)
+    return {"files": [{"name": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": hashed[p]}
+                      for p in paths]}
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that compute captions (None if absent), without importing them."""
+    found: dict[str, str | None] = {}
+    for dist in RUNTIME_DISTRIBUTIONS:
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def compute(cfg) -> dict:
     """The fingerprint of a RunConfig: ``{"id": short hex, "model", "checkpoint", "prompt", "generation",
-    "sampling", "dtype"}``. ``id`` is a hash of everything else."""
+    "sampling", "dtype", "preprocess", "runtime"}``. ``id`` is a hash of everything else."""
     shared = {role: {o.name: getattr(cfg, o.name) for o in options.specs(RunConfig) if o.role == role}
               for role in (PROMPT, GENERATION, SAMPLING)}
     specs = _model_specs(cfg.model)
@@ -86,6 +88,8 @@ def compute(cfg) -> dict:
         "generation": {**shared[GENERATION], **own[GENERATION]},
         "sampling": {**shared[SAMPLING], **own[SAMPLING]},
         "dtype": cfg.dtype,
+        "preprocess": {"shared": captioner_base.SHARED_PREPROCESS_VERSION, "model": _preprocess_version(cfg.model)},
+        "runtime": runtime_versions(),
     }
     parts = _normalised(json.loads(json.dumps(parts, sort_keys=True, default=list)))  # tuples -> lists
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
@@ -98,6 +102,13 @@ def _model_specs(model: str) -> dict[str, options.Option]:
 
     options_cls = captioner_class(model).options_cls if model in CAPTIONERS else None
     return {o.name: o for o in options.specs(options_cls)} if options_cls else {}
+
+
+def _preprocess_version(model: str) -> int | None:
+    """The captioner's own preprocessing version (None for a model outside the registry, e.g. a test's)."""
+    from captioning_core.models import CAPTIONERS, captioner_class
+
+    return captioner_class(model).preprocess_version if model in CAPTIONERS else None
 
 
 def _by_role(specs: dict[str, options.Option], model_options: dict) -> dict[str, dict]:

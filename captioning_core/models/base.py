@@ -16,6 +16,12 @@ from typing import Any, ClassVar
 from captioning_core import options
 from captioning_core.config import RunConfig
 
+#: Version of the preprocessing every captioner shares (video.py: frame table, frame choice and decoding,
+#: orientation and aspect handling), part of every fingerprint. Bump it in the commit whose change to that
+#: code alters the frames a model gets (hence captions), so outputs and journal rows made before are
+#: recaptioned instead of reused; a change that only makes it faster keeps it.
+SHARED_PREPROCESS_VERSION = 1
+
 
 class ModelDirError(ValueError):
     """The model directory is missing or incomplete (raised before any rank starts work)."""
@@ -31,6 +37,10 @@ class Captioner(ABC):
     #: the ``--engine`` values this captioner runs ("compiled": captioning_core.engine), and its default
     engines: ClassVar[tuple[str, ...]] = ("eager",)
     default_engine: ClassVar[str] = "eager"
+    #: version of this captioner's own preprocessing (frame sampling, resizing, prompt and chat template,
+    #: what it feeds generate). Part of the fingerprint: bump it in the commit whose change alters this
+    #: model's captions (a subclass changing what it inherits overrides it); not for speed-only changes
+    preprocess_version: ClassVar[int] = 1
     #: files a local model directory must hold, checked before loading
     required_files: ClassVar[tuple[str, ...]] = ("config.json",)
 
