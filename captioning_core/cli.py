@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
     setup_logging(info.rank)
     faults = FaultPlan.from_env(info.rank)
     faults.apply_to_environment()
+    faults.report_reach()
     parser = build_parser(model)
     args = parser.parse_args(argv)
     try:

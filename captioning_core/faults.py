@@ -17,6 +17,10 @@ Syntax: comma-separated ``kind@rank:arg``. Kinds:
                     is SIGKILLed (as the OOM killer does) or hangs, when it decodes a file whose name
                     contains NAME. The decoder does not know its rank: these hit every rank.
 
+- ``probe_reach@R`` rank R, first thing, tries to read what a rank must not (its ancestors'
+                    ``/proc/<pid>/environ`` and working directories, and each path in ``CAPTION_PROBE_PATHS``,
+                    ``os.pathsep``-separated) and logs one ``reach probe`` JSON line: path -> "read" or the error.
+
 ``R`` may be ``*``: every rank.
 
 A fault may end in ``/tryN``: it then fires only in Airflow try N (``AIRFLOW_CTX_TRY_NUMBER``, which the
@@ -44,6 +48,7 @@ class FaultPlan:
     runtime_error: bool = False
     crash_before_output: bool = False
     bad_secret: bool = False
+    probe_reach: bool = False
 
     @classmethod
     def from_env(cls, rank: int, env: dict[str, str] | None = None) -> FaultPlan:
@@ -72,6 +77,8 @@ class FaultPlan:
                 plan.crash_before_output = True
             elif kind == "bad_secret":
                 plan.bad_secret = True
+            elif kind == "probe_reach":
+                plan.probe_reach = True
             elif kind in DECODER_FAULTS:
                 pass  # acted on in the decoder process: decoder_fault
             else:
@@ -97,6 +104,26 @@ class FaultPlan:
 
             os.environ["AWS_SECRET_ACCESS_KEY"] = "injected-wrong-secret"
             storage.s3_client.cache_clear()
+
+    def report_reach(self) -> None:
+        """The ``probe_reach`` drill: what this rank can read of what it must not, logged as one JSON line."""
+        if not self.probe_reach:
+            return
+        import json
+        import logging
+
+        targets: list[str] = []
+        pid = os.getppid()
+        while pid > 1:  # msrun, the task process, its supervisor, ...
+            targets += [f"/proc/{pid}/environ", f"/proc/{pid}/cwd"]
+            try:
+                with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+                    pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        targets += [p for p in os.environ.get("CAPTION_PROBE_PATHS", "").split(os.pathsep) if p]
+        targets += ["/proc/self/environ", "/etc/hostname"]  # controls: readable by anyone
+        logging.getLogger(__name__).warning("reach probe %s", json.dumps({t: _try_read(t) for t in targets}))
 
     def before_output(self) -> None:
         if self.crash_before_output:
@@ -129,3 +156,16 @@ def decoder_fault(path: str, env: dict[str, str] | None = None) -> None:
         else:
             while True:
                 time.sleep(3600)
+
+
+def _try_read(path: str) -> str:
+    """``read`` if ``path`` (a file, or a directory: listed) can be read, else the error's name."""
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        return "read"
+    except OSError as err:
+        return type(err).__name__

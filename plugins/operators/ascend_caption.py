@@ -167,6 +167,12 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         tries: a retry that finds the lease still held fails at once). When the
         other attempt has published, the next look finds the output and launches nothing.
     :param lease_poke: seconds between those looks (default 30)
+    :param rank_user: the unprivileged user msrun and the ranks run as (default: ``$CAPTION_RANK_USER`` on the
+        worker; unset: the worker's own user). Ranks run FFmpeg on files anyone who may upload videos controls;
+        as another user they cannot read the worker's ``/proc/<pid>/environ`` (Fernet key, database URI,
+        connections), its working directory or the Airflow home. The worker must be allowed to switch users
+        (root in the compose image's ascend worker); the model directory, the interpreter and the project must
+        be readable by that user. Not templated: a run's conf cannot choose who the ranks run as.
     :param kill_grace: seconds the ranks get to stop after SIGTERM before SIGKILL. Keep it under 5 s: when
         the task is stopped from outside, Airflow's supervisor SIGKILLs the task's process group 5 s after
         its SIGTERM (msrun and the ranks then die with it; finished rows are journaled either way).
@@ -188,7 +194,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                  worker_num: int = 2, local_worker_num: int = 2, msrun_options: dict[str, Any] | None = None,
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
                  env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
-                 lease_poke: float = 30.0,
+                 lease_poke: float = 30.0, rank_user: str | None = None,
                  kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
                  recaption: bool = False, allowed_roots: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
@@ -209,6 +215,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
         self.lease_poke = lease_poke
+        self.rank_user = rank_user
         self.kill_grace = kill_grace
         self.allow_fault_injection = allow_fault_injection
         self.allow_pickled_weights = allow_pickled_weights
@@ -457,7 +464,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                     raise RuntimeError("the task was killed before msrun started; nothing launched")
                 else:
                     self._hook = MsrunHook(self._spec(context, script_args), rank_env, kill_grace=self.kill_grace,
-                                           allow_fault_injection=self.allow_fault_injection)
+                                           allow_fault_injection=self.allow_fault_injection,
+                                           run_as=self.rank_user or os.environ.get("CAPTION_RANK_USER") or None)
                     if self._killed.is_set():  # on_kill ran while the hook was being made
                         self._hook.kill()
                     launched = True

@@ -21,6 +21,12 @@ that comes before the launch is remembered: ``run()`` then starts nothing, or st
 The ranks' environment is an allow-list (``rank_environment``): system and library paths, locale, Python
 paths, the MindSpore/HCCL/Ascend variables, the stage's own ``CAPTION_*`` settings and what the caller
 passes; never the worker's Airflow configuration (``AIRFLOW__*``: Fernet key, database URI, secrets).
+
+With ``run_as`` (a user name) msrun and the ranks run as that unprivileged user, started in the msrun log
+directory (owned by that user) with its own ``HOME``: the worker's ``/proc/<pid>/environ``, its working
+directory and the Airflow home are then out of the ranks' reach, which an environment allow-list alone cannot
+give (a process can read the environ of every process of its own uid). The worker must be allowed to switch
+users (root, or CAP_SETUID and CAP_SETGID); signalling the ranks needs the same.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -153,14 +160,44 @@ class MsrunObserver(Protocol):
         thread that reads msrun's output)."""
 
 
+@dataclass(frozen=True)
+class RankUser:
+    """The unprivileged account msrun and the ranks run as (``MsrunHook(run_as=...)``)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> RankUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise MsrunError(f"the rank user {name!r} does not exist on this host (scripts/setup.sh and the "
+                             f"compose image create 'caption-rank')") from None
+        if entry.pw_uid == 0:
+            raise MsrunError(f"the rank user {name!r} is root: the ranks would keep every privilege")
+        return cls(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+    def popen_kwargs(self, cwd: str) -> dict:
+        """What makes a child this user: its ids (no supplementary groups of the worker's) and a cwd of its own."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": [], "cwd": cwd}
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        return {**env, "HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
 class MsrunHook(BaseHook):
     """Runs one msrun job; ``run`` blocks until it ends and raises MsrunError on failure or when stopped."""
 
     def __init__(self, spec: MsrunSpec, env: dict[str, str] | None = None, *, python: str | None = None,
                  kill_grace: float = 4.0, tail_lines: int = 40, allow_fault_injection: bool = False,
-                 line_sink: Callable[[str], None] | None = None, observer: MsrunObserver | None = None) -> None:
+                 line_sink: Callable[[str], None] | None = None, observer: MsrunObserver | None = None,
+                 run_as: str | None = None) -> None:
         super().__init__()
         self.spec = spec
+        self.run_as = run_as
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.kill_grace = kill_grace
@@ -203,13 +240,23 @@ class MsrunHook(BaseHook):
         if self.stop_reason:
             raise MsrunError(f"msrun was not started: {self.stop_reason}")
         Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
+        user = RankUser.lookup(self.run_as) if self.run_as else None
+        env = self.build_env()
+        extra: dict = {}
+        if user is not None:
+            os.chown(self.spec.log_dir, user.uid, user.gid)  # msrun writes its logs there, as that user
+            env, extra = user.environment(env), user.popen_kwargs(self.spec.log_dir)
         # A reused log_dir keeps older runs' lines (msrun appends): tail only what this run writes.
         self._offsets = {rank: self._rank_log(rank).stat().st_size if self._rank_log(rank).exists() else 0
                          for rank in range(self.spec.local_worker_num)}
         self.log.info("msrun argv: %s", argv)
-        self.proc = subprocess.Popen(argv, env=self.build_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_prepare_child, text=True, errors="replace")
+        try:
+            self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_prepare_child, text=True,
+                                         errors="replace", **extra)
+        except PermissionError as err:
+            raise MsrunError(f"cannot start msrun as {self.run_as!r}: {err} (the worker must be root or hold "
+                             f"CAP_SETUID and CAP_SETGID)") from err
         if self.stop_reason:  # killed while Popen ran: kill() saw no process yet
             self._begin_stop()
         readers = [threading.Thread(target=self._pump_stdout, daemon=True, name="msrun-stdout")]
