@@ -106,24 +106,29 @@ class FaultPlan:
             storage.s3_client.cache_clear()
 
     def report_reach(self) -> None:
-        """The ``probe_reach`` drill: what this rank can read of what it must not, logged as one JSON line."""
+        """The ``probe_reach`` drill: what this rank can read of what it must not, logged as one JSON line:
+        its uid, each ancestor process (pid, uid, whether its environ and cwd could be read) and each path."""
         if not self.probe_reach:
             return
         import json
         import logging
 
-        targets: list[str] = []
+        ancestors = []
         pid = os.getppid()
         while pid > 1:  # msrun, the task process, its supervisor, ...
-            targets += [f"/proc/{pid}/environ", f"/proc/{pid}/cwd"]
             try:
-                with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-                    pid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/status", encoding="utf-8") as fh:  # readable by anyone
+                    fields = dict(line.split(":", 1) for line in fh if ":" in line)
+                uid, parent = int(fields["Uid"].split()[0]), int(fields["PPid"])
+            except (OSError, KeyError, ValueError):
                 break
-        targets += [p for p in os.environ.get("CAPTION_PROBE_PATHS", "").split(os.pathsep) if p]
-        targets += ["/proc/self/environ", "/etc/hostname"]  # controls: readable by anyone
-        logging.getLogger(__name__).warning("reach probe %s", json.dumps({t: _try_read(t) for t in targets}))
+            ancestors.append({"pid": pid, "uid": uid, "environ": _try_read(f"/proc/{pid}/environ"),
+                              "cwd": _try_read(f"/proc/{pid}/cwd")})
+            pid = parent
+        paths = [p for p in os.environ.get("CAPTION_PROBE_PATHS", "").split(os.pathsep) if p]
+        paths += ["/proc/self/environ", "/etc/hostname"]  # controls: readable by anyone
+        report = {"uid": os.getuid(), "ancestors": ancestors, "paths": {p: _try_read(p) for p in paths}}
+        logging.getLogger(__name__).warning("reach probe %s", json.dumps(report))
 
     def before_output(self) -> None:
         if self.crash_before_output:

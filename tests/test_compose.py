@@ -68,7 +68,8 @@ def test_no_literal_secrets_and_loopback_ports():
 # -- the compose file against the live cluster fixture (testkit.cluster): the same topology and settings ----
 COMPOSE_ONLY = {"AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK", "AIRFLOW__CAPTION_GALLERY__OUTPUT_PREFIXES", "CAPTION_SQL_DIR",
                 "CAPTION_WORKER_NUM", "CAPTION_NPU_POOL_SLOTS", "DUMB_INIT_SETSID", "HCCL_CONNECT_TIMEOUT",
-                "_AIRFLOW_DB_MIGRATE"}
+                "_AIRFLOW_DB_MIGRATE",
+                "CAPTION_RANK_USER"}  # the cluster tier's ranks run as its worker; tests/test_rank_user.py drills it
 
 
 def _fixture_env(tmp_path: Path) -> tuple[dict[str, str], dict[str, str], object]:
