@@ -47,6 +47,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from benchmarks.item_decode_sandbox import bench_decode_sandbox
 from benchmarks.item_display import bench_display_overhead
 from benchmarks.item_fingerprint import bench_fingerprint
 from benchmarks.item_join_loop import bench_join_loop
@@ -65,7 +66,8 @@ sys.path.insert(0, str(REPO / "plugins"))  # items 7 and 10 drive operators.msru
 
 BENCHES = {1: bench_throughput, 3: bench_sampling, 4: bench_resume, 5: bench_million, 6: bench_parse,
            7: bench_workers, 8: bench_display_overhead, 9: bench_token_budget,
-           10: bench_join_loop, 11: bench_realsize, 12: bench_rank_import, 13: bench_fingerprint}
+           10: bench_join_loop, 11: bench_realsize, 12: bench_rank_import, 13: bench_fingerprint,
+           14: bench_decode_sandbox}
 OPT_IN = {11}  # heavy (GBs of checkpoint and RAM, minutes): only with --only
 
 
