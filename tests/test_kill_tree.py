@@ -185,10 +185,13 @@ def _assert_rank_envs(env: AirflowEnv, sampler: _TreeSampler) -> None:
         assert [k for k, v in rank_env.items() if secret in v] == ["AWS_SECRET_ACCESS_KEY"], pid
 
 
+@pytest.mark.parametrize("stop", ["execution_timeout", "shard_budget"])
 def test_execution_timeout_stops_the_ranks_gracefully_and_the_next_attempt_resumes(s3_server, s3_bucket, tmp_path,
-                                                                                   tmp_path_factory):
+                                                                                   tmp_path_factory, stop):
     """execution_timeout applies to every try, so the attempt after the timeout is a second run of the same
-    partition without one (what a retry with a longer timeout, or the next schedule, does)."""
+    partition without one (what a retry with a longer timeout, or the next schedule, does). ``shard_budget``:
+    the same stop by the operator's own budget derived from the shard (``seconds_per_video`` x 24 rows +
+    ``budget_base`` = 45 s, issue 25 #2) instead of Airflow's timeout."""
     directory = tmp_path_factory.mktemp("timeout-clips")
     base = [(ensure_clip(spec, directory), spec, "good") for spec in PARTITION_SPECS[:6]]
     clips = [(path, spec, kind) for _ in range(4) for path, spec, kind in base]  # 24 rows: too many for 45 s
@@ -197,8 +200,10 @@ def test_execution_timeout_stops_the_ranks_gracefully_and_the_next_attempt_resum
     output = meta.replace("meta.csv", "captions.csv")
     # Each rank pauses 15 s after each journaled batch, so the timeout lands while the ranks still have rows
     # left, whether this machine is quiet (try 1 would otherwise finish first) or loaded.
-    first = _drill_env(s3_server, tmp_path / "airflow-1", CAPTION_EXECUTION_TIMEOUT="45", CAPTION_KILL_GRACE="30",
-                       CAPTION_RETRIES="0", CAPTION_FAULTS="slow@0:15,slow@1:15")
+    limit = ({"CAPTION_EXECUTION_TIMEOUT": "45"} if stop == "execution_timeout" else
+             {"CAPTION_SECONDS_PER_VIDEO": "1", "CAPTION_BUDGET_BASE": "21"})
+    first = _drill_env(s3_server, tmp_path / "airflow-1", CAPTION_KILL_GRACE="30", CAPTION_RETRIES="0",
+                       CAPTION_FAULTS="slow@0:15,slow@1:15", **limit)
     second = _drill_env(s3_server, tmp_path / "airflow-2")
     started = time.monotonic()
     with _TreeSampler() as sampler:
@@ -207,7 +212,9 @@ def test_execution_timeout_stops_the_ranks_gracefully_and_the_next_attempt_resum
         proc2 = second.dags_test("caption_drill", DATE, _conf(meta, output))
     print(f"timeout drill: attempt 1 stopped after {took:.0f}s, total {time.monotonic() - started:.0f}s")
     text1 = proc1.stdout + proc1.stderr
-    assert proc1.returncode != 0 and "AirflowTaskTimeout" in text1 and "TimeoutExpired" not in text1
+    why = ("AirflowTaskTimeout" if stop == "execution_timeout" else
+           "the shard's time budget ran out: 24 videos x 1 s + 21 s = 45 s")
+    assert proc1.returncode != 0 and why in text1 and "TimeoutExpired" not in text1
     assert [(t, s) for _, t, s in first.task_tries("caption_drill", "caption")] == [(1, "failed")]
     logs1 = _rank_logs(first.msrun_log_root)
     assert list(logs1) == ["try1"]

@@ -167,6 +167,12 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         tries: a retry that finds the lease still held fails at once). When the
         other attempt has published, the next look finds the output and launches nothing.
     :param lease_poke: seconds between those looks (default 30)
+    :param seconds_per_video: the try's time budget per video of its shard (default None: none). With it,
+        msrun is stopped once ``budget_base + seconds_per_video x rows`` seconds have passed since launch, as
+        ``on_kill`` stops it (the ranks journal what is done), and the try fails, retryable. A shard that hangs
+        (a stuck collective, a wedged device) then frees its NPUs in a time that fits its size, which one
+        DAG-wide ``execution_timeout`` cannot do for shards of different sizes (video_curation sets both).
+    :param budget_base: seconds added to that budget for start-up and publishing (default 900)
     :param rank_user: the unprivileged user msrun and the ranks run as (default: ``$CAPTION_RANK_USER`` on the
         worker; unset: the worker's own user). Ranks run FFmpeg on files anyone who may upload videos controls;
         as another user they cannot read the worker's ``/proc/<pid>/environ`` (Fernet key, database URI,
@@ -194,7 +200,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                  worker_num: int = 2, local_worker_num: int = 2, msrun_options: dict[str, Any] | None = None,
                  log_dir: str | None = None, aws_conn_id: str | None = "aws_default",
                  env: dict[str, str] | None = None, lease_ttl: float = 60.0, lease_wait: float = 600.0,
-                 lease_poke: float = 30.0, rank_user: str | None = None,
+                 lease_poke: float = 30.0, rank_user: str | None = None, seconds_per_video: float | None = None,
+                 budget_base: float = 900.0,
                  kill_grace: float = 4.0, allow_fault_injection: bool = False, allow_pickled_weights: bool = False,
                  recaption: bool = False, allowed_roots: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("outlets", [AssetAlias(CAPTIONS_ALIAS)])
@@ -216,6 +223,8 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         self.lease_wait = lease_wait
         self.lease_poke = lease_poke
         self.rank_user = rank_user
+        self.seconds_per_video = seconds_per_video
+        self.budget_base = budget_base
         self.kill_grace = kill_grace
         self.allow_fault_injection = allow_fault_injection
         self.allow_pickled_weights = allow_pickled_weights
@@ -261,13 +270,16 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         bucket, key = split_s3(uri)
         return hook.check_for_key(key, bucket_name=bucket)
 
-    def _check_meta(self, hook) -> None:
-        """A partition without a ``path`` column fails here, before msrun starts."""
+    def _check_meta(self, hook) -> int:
+        """A partition without a ``path`` column fails here, before msrun starts. Returns its row count (read
+        only when ``seconds_per_video`` needs it; 0 otherwise)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         bucket, key = split_s3(self.meta_path)
+        whole = self.seconds_per_video is not None
         try:
-            head = hook.get_key(key, bucket_name=bucket).get(Range="bytes=0-65535")["Body"].read()
+            obj = hook.get_key(key, bucket_name=bucket)
+            body = (obj.get() if whole else obj.get(Range="bytes=0-65535"))["Body"].read()
         except Exception as err:
             raise AirflowFailException(f"cannot read meta partition {self.meta_path}: {err}") from err
         import csv
@@ -275,9 +287,11 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
 
         # utf-8-sig: a byte-order mark before `path` (spreadsheet exports write one) is no part of the name,
         # as for the ranks' reader
-        header = next(csv.reader(io.StringIO(head.decode("utf-8-sig", errors="replace"))), [])
+        reader = csv.reader(io.StringIO(body.decode("utf-8-sig", errors="replace")))
+        header = next(reader, [])
         if "path" not in header:
             raise AirflowFailException(f"{self.meta_path}: no 'path' column (header: {header})")
+        return sum(1 for _ in reader) if whole else 0
 
     def _check_model_dir(self) -> None:
         """A missing or incomplete checkpoint on this host fails here, naming what is missing, before msrun."""
@@ -441,7 +455,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         started = time.time()
         launched = False
         if not (self.skip_if_existing and self._finished(hook)):
-            self._check_meta(hook)
+            rows = self._check_meta(hook)
             self._check_model_dir()
             script_args = self._script_args()
             rank_env = self._rank_env(hook)
@@ -469,7 +483,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                     if self._killed.is_set():  # on_kill ran while the hook was being made
                         self._hook.kill()
                     launched = True
-                    self._run_hook(lease)
+                    self._run_hook(lease, rows)
             finally:
                 if lease is not None:
                     lease.release()
@@ -496,17 +510,24 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
                       held, self.lease_poke, waited, self.lease_wait)
         raise AirflowRescheduleException(now + timedelta(seconds=self.lease_poke))
 
-    def _run_hook(self, lease: S3Lease | None) -> None:
+    def _run_hook(self, lease: S3Lease | None, rows: int) -> None:
         hook = self._hook
         assert hook is not None
-        if lease is None:
-            hook.run()
-            return
-        recorder = threading_timer(2.0, lambda: hook.proc is not None and lease.record_child(hook.proc.pid))
+        timers = []
+        if self.seconds_per_video is not None:
+            budget = self.budget_base + float(self.seconds_per_video) * rows
+            why = (f"the shard's time budget ran out: {rows} videos x {float(self.seconds_per_video):g} s + "
+                   f"{self.budget_base:g} s = {budget:g} s")
+            timers.append(threading_timer(budget, lambda: hook.kill(reason=why)))
+        if lease is not None:
+            timers.append(threading_timer(2.0, lambda: hook.proc is not None and lease.record_child(hook.proc.pid)))
         try:
             hook.run()
         finally:
-            recorder.cancel()
+            for timer in timers:
+                timer.cancel()
+        if lease is None:
+            return
         if lease.lost:  # msrun may have ended by itself just as the lease went: the attempt still fails
             raise RuntimeError(lease.lost)
 

@@ -3,8 +3,8 @@
 Only tests load this folder (testkit.airflow_env.AirflowEnv with ``dags_folder``); production DAGs live in
 ``dags/``. Retries come from CAPTION_RETRIES with a 1 s delay so a retry drill runs in seconds. Fault injection
 is allowed here (``allow_fault_injection=True``; drills set CAPTION_FAULTS), never in production DAGs.
-CAPTION_EXECUTION_TIMEOUT, CAPTION_KILL_GRACE, CAPTION_LEASE_TTL, CAPTION_LEASE_POKE and CAPTION_LEASE_WAIT (seconds) tune the kill
-and lease drills.
+CAPTION_EXECUTION_TIMEOUT, CAPTION_KILL_GRACE, CAPTION_LEASE_TTL, CAPTION_LEASE_POKE, CAPTION_LEASE_WAIT,
+CAPTION_SECONDS_PER_VIDEO and CAPTION_BUDGET_BASE (seconds) tune the kill, lease and budget drills.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ with DAG(
         lease_ttl=float(os.environ.get("CAPTION_LEASE_TTL", "60")),
         lease_poke=float(os.environ.get("CAPTION_LEASE_POKE", "3")),
         lease_wait=float(os.environ.get("CAPTION_LEASE_WAIT", "600")),
+        seconds_per_video=float(os.environ["CAPTION_SECONDS_PER_VIDEO"])
+        if os.environ.get("CAPTION_SECONDS_PER_VIDEO") else None,
+        budget_base=float(os.environ.get("CAPTION_BUDGET_BASE", "900")),
         execution_timeout=timedelta(seconds=float(os.environ["CAPTION_EXECUTION_TIMEOUT"]))
         if os.environ.get("CAPTION_EXECUTION_TIMEOUT") else None,
     )
