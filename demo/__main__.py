@@ -1,11 +1,15 @@
-"""End-to-end demo on the embedded default: local SeaweedFS, local PostgreSQL, SQLite Airflow, the tiny model.
+"""End-to-end demo on the embedded default: local SeaweedFS, local PostgreSQL, local Airflow, the tiny model.
 
-    make demo            # or: .venv/bin/python -m demo [--out demo_output] [--date 2026-11-21]
+    make demo            # or: .venv/bin/python -m demo [--out demo_output] [--date 2026-11-21] [--ui]
     make demo DEMO_ARGS=--cluster          # the same DAG on a local Celery cluster (demo/cluster.py)
 
-It uploads synthetic clips (and one broken file) to a local S3 bucket, runs the ``video_curation`` DAG end to
-end with ``airflow dags test`` (scrape -> filter -> caption under msrun with 2 CPU workers -> train manifest),
-prints the captions next to what each clip shows, and stops every server it started.
+It uploads synthetic clips (and one broken file) to a local S3 bucket and runs the ``video_curation`` DAG end
+to end the way a deployment does, on one machine: Airflow's scheduler, dag-processor, triggerer and API server
+as real processes (LocalExecutor, metadata DB on the demo's PostgreSQL), the run triggered through the REST API
+(scrape -> filter -> caption under msrun with 2 CPU workers -> train manifest). Task logs are written and
+served, durations are real. It prints the captions next to what each clip shows, and stops every server it
+started, on success, failure, Ctrl-C or SIGTERM. With ``--ui`` the UI stays up behind a login (the user and
+password are printed once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import io
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-screenshot", metavar="PNG", default=None,
                         help="with --cluster: save screenshots of the grid view and the runs list (partition keys)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server started below is stopped by its context manager
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -80,31 +87,33 @@ def main(argv: list[str] | None = None) -> int:
             report = cluster_demo.run(airflow, pg.uri_for("airflow"), "airflow-logs", BUCKET, keys, ui=args.ui,
                                       grid_png=args.grid_screenshot, wait_for_ctrl_c=_wait_for_ctrl_c)
             return _cluster_report(conn, expected, keys, report, started)
-        log.info("migrating the Airflow metadata DB (SQLite)")
-        airflow.migrate()
-        log.info("running the video_curation DAG for %s (scrape -> filter -> caption -> train)", args.date)
-        run = airflow.dags_test("video_curation", args.date,
+        pg.create_database("airflow")
+        users = {"admin": "admin"} if args.ui else None  # --ui: the UI and the gallery behind a login
+        log.info("starting Airflow: scheduler, dag-processor, triggerer, api-server (LocalExecutor, PostgreSQL)")
+        with AirflowServices(airflow, pg.uri_for("airflow"), users=users) as af:
+            af.wait_for_dag("video_curation")
+            log.info("running the video_curation DAG for %s (scrape -> filter -> caption -> train)", args.date)
+            run_id = af.trigger("video_curation", f"{args.date}T00:00:00Z",
                                 {"bucket": BUCKET, "shard_size": 4, "caption_options": TINY_CAPTION_OPTIONS})
-        (out / "dag_run.log").write_text(run.stdout + run.stderr)
-        if run.returncode != 0:
-            log.error("the DAG run failed; see %s\n%s", out / "dag_run.log", run.stdout[-3000:])
-            return 1
-
-        manifest_key = f"manifests/{args.date}/train_manifest.csv"
-        manifest = list(csv.DictReader(io.StringIO(
-            client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read().decode())))
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT path, filter_status, coalesce(caption_error, filter_reason, ''), "
-                        "coalesce(caption_status, ''), coalesce(text, '') FROM video_meta "
-                        "WHERE partition_key = %s ORDER BY path", (args.date,))
-            table = cur.fetchall()
-        conn.close()
-        (out / "train_manifest.csv").write_bytes(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
-        _print_report(table, expected, manifest, manifest_key, out, airflow, started)
-        if args.ui or args.screenshot:
-            with AirflowServices(airflow, components=("api-server",)) as af:
-                # Everyone is admin here, but the gallery still wants a session: the UI's own token.
-                token = af.request("GET", "/auth/token")[1]["access_token"]
+            state = af.wait_for_run("video_curation", run_id)
+            (out / "dag_run.log").write_text(_task_logs(af, run_id))
+            if state != "success":
+                log.error("the DAG run ended %s; see %s\n%s", state, out / "dag_run.log", af.tail("scheduler", 60))
+                return 1
+            manifest_key = f"manifests/{args.date}/train_manifest.csv"
+            manifest = list(csv.DictReader(io.StringIO(
+                client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read().decode())))
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT path, filter_status, coalesce(caption_error, filter_reason, ''), "
+                            "coalesce(caption_status, ''), coalesce(text, '') FROM video_meta "
+                            "WHERE partition_key = %s ORDER BY path", (args.date,))
+                table = cur.fetchall()
+            conn.close()
+            (out / "train_manifest.csv").write_bytes(
+                client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+            _print_report(table, expected, manifest, manifest_key, out, airflow, started)
+            if args.ui or args.screenshot:
+                token = af.token("admin") if users else af.request("GET", "/auth/token")[1]["access_token"]
                 url = f"{af.base_url}{_gallery_link(af, token)}"
                 if args.screenshot:
                     from testkit import browser
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     browser.visit(url, cookies={"_token": token}, screenshot=args.screenshot, size=(1200, 760))
                     log.info("gallery screenshot saved to %s", args.screenshot)
                 if args.ui:
-                    print(f"\nAirflow UI: {af.base_url}/dags/video_curation  (no login)\n"  # noqa: T201
+                    print(f"\nAirflow UI: {af.base_url}/dags/video_curation  "  # noqa: T201
+                          f"(log in as admin, password {af.passwords['admin']})\n"
                           f"caption gallery: {url}\nCtrl-C stops everything.")
                     _wait_for_ctrl_c()
     return 0 if all(_caption_of(table, p) == c for p, c in expected.items()) else 1
@@ -138,6 +148,29 @@ def _cluster_report(conn, expected, keys, report, started) -> int:
 
 def _caption_of(table, path: str) -> str | None:
     return next((row[4] for row in table if row[0] == path), None)
+
+
+def _task_logs(af: AirflowServices, run_id: str) -> str:
+    """Every task's log of the run, as the UI shows it (the REST API's structured log), one line per event."""
+    from urllib.parse import quote
+
+    quoted = quote(run_id, safe="")
+    lines = []
+    for ti in af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted}/taskInstances")["task_instances"]:
+        lines.append(f"===== {ti['task_id']} map_index={ti['map_index']} try={ti['try_number']} {ti['state']}")
+        try:
+            log_ = af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted}/taskInstances/{ti['task_id']}/logs/"
+                          f"{max(1, ti['try_number'])}?map_index={ti['map_index']}&full_content=true")
+        except Exception as err:  # noqa: BLE001 - a task that never ran has no log; say so and go on
+            lines.append(f"(no log: {err})")
+            continue
+        for entry in log_.get("content", []):
+            if isinstance(entry, dict):
+                lines.append(f"{entry.get('timestamp', '')} {str(entry.get('level', '')).upper():8} "
+                             f"{entry.get('event', '')}")
+            else:
+                lines.append(str(entry))
+    return "\n".join(lines) + "\n"
 
 
 def _gallery_link(af: AirflowServices, token: str) -> str:
@@ -172,7 +205,8 @@ def _print_report(table, expected, manifest, manifest_key, out, airflow, started
     print(f"\n{right}/{len(expected)} captions match the clip content; manifest has {len(manifest)} rows "  # noqa: T201
           f"({time.monotonic() - started:.0f} s)")
     print(f"manifest: s3://{BUCKET}/{manifest_key} (copy: {out / 'train_manifest.csv'})")  # noqa: T201
-    print(f"DAG run log: {out / 'dag_run.log'}; msrun rank logs: {airflow.msrun_log_root}")  # noqa: T201
+    print(f"task logs (as the UI shows them): {out / 'dag_run.log'}; msrun rank logs: "  # noqa: T201
+          f"{airflow.msrun_log_root}; Airflow components: {airflow.home}/*.log")
     galleries = PartitionLayout(f"s3://{BUCKET}/meta/*/shard-*/meta_caption_qwen2vl.csv").gallery_index
     print(f"caption galleries: {galleries} "  # noqa: T201
           "(run with --ui to browse them and the Airflow UI)")

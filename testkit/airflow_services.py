@@ -1,4 +1,5 @@
-"""Airflow's long-running components (api-server, scheduler, dag-processor) on 127.0.0.1, stopped by PID.
+"""Airflow's long-running components (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1, stopped
+by PID.
 
 Used by the UI test and ``demo --ui``. The metadata DB is PostgreSQL (LocalExecutor runs tasks in parallel,
 which SQLite can't serve), the executor is LocalExecutor. With ``users`` (name -> role of the simple auth
@@ -25,7 +26,7 @@ from testkit.airflow_env import AirflowEnv
 from testkit.ports import free_port
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 class DagWaits:
@@ -93,7 +94,8 @@ class AirflowServices(DagWaits):
         self.env.migrate()
         airflow = str(Path(sys.executable).with_name("airflow"))
         args = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                "scheduler": ["scheduler", "--skip-serve-logs"], "dag-processor": ["dag-processor"]}
+                "scheduler": ["scheduler", "--skip-serve-logs"], "dag-processor": ["dag-processor"],
+                "triggerer": ["triggerer", "--skip-serve-logs"]}
         for name in self.components:
             out = open(self.env.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[name] = subprocess.Popen([airflow, *args[name]], env=self.env.env(), cwd=self.env.home,

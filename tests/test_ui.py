@@ -88,7 +88,8 @@ class _Canary:
         self.server.server_close()
 
 
-def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_server, tmp_path_factory, tmp_path):
+def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_server, tmp_path_factory, tmp_path,
+                                                                      broken_clips):
     af = ui
     bucket = s3_server.create_bucket(BUCKET)
     client = s3_server.client()
@@ -97,12 +98,16 @@ def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_
     for spec in DAG_SPECS[:3]:
         client.upload_file(str(ensure_clip(spec, clip_dir)), bucket, f"incoming/{KEY}/{spec.filename}")
         captions.add(spec.caption)
+    client.upload_file(str(broken_clips["truncated"]), bucket, f"incoming/{KEY}/truncated.mp4")  # a failed row
+    started = time.monotonic()
     run_id = af.trigger("video_curation", f"{KEY}T00:00:00Z",
                         {"bucket": bucket, "shard_size": 10, "caption_options": TINY_CAPTION_OPTIONS})
     state = af.wait_for_run("video_curation", run_id)
+    wall = time.monotonic() - started
     assert state == "success", af.tail("scheduler", 80)
 
     quoted = urllib.parse.quote(run_id, safe="")
+    _check_what_the_ui_shows(af, quoted, wall)
     links = af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted}/taskInstances/caption/links?map_index=0")
     link = links["extra_links"]["Caption gallery"]
     assert link.startswith(f"/caption-gallery/video_curation/{quoted}/caption/0/caption_s3/{bucket}/")
@@ -153,6 +158,29 @@ def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_
     # the grid, as the admin sees it after logging in
     grid = browser.visit(f"{af.base_url}/dags/video_curation/runs/{quoted}", cookies=admin_cookie, settle=15)
     assert "caption" in grid["html"] and "scrape" in grid["html"]
+
+
+def _check_what_the_ui_shows(af, quoted_run: str, wall: float) -> None:
+    """Issue 27: the caption task's log as the UI reads it (the REST API's structured log) holds every rank's
+    progress lines, and a failed row's warning is still a warning (the UI's level filter finds it); the run's
+    duration is its wall time; every component reports healthy."""
+    log = af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted_run}/taskInstances/caption/logs/1"
+                        "?map_index=0&full_content=true")
+    entries = [e for e in log["content"] if isinstance(e, dict)]
+    events = [(str(e.get("level", "")).lower(), e.get("event", "")) for e in entries]
+    for rank in (0, 1):
+        assert any(f"progress rank {rank}/2" in text for _, text in events), events[-40:]
+    warnings = [text for level, text in events if level == "warning"]
+    assert any("failed (attempt 1)" in text for text in warnings), warnings  # the truncated file's row
+    assert not any("failed (attempt" in text for level, text in events if level == "info")
+    run = af.api("GET", f"/api/v2/dags/video_curation/dagRuns/{quoted_run}")
+    from datetime import datetime
+
+    duration = (datetime.fromisoformat(run["end_date"]) - datetime.fromisoformat(run["start_date"])).total_seconds()
+    assert 0 < duration <= wall + 5 and duration >= wall - 30, (duration, wall)
+    health = af.request("GET", "/api/v2/monitor/health", token=None)[1]
+    assert {k: v["status"] for k, v in health.items()} == {
+        "metadatabase": "healthy", "scheduler": "healthy", "triggerer": "healthy", "dag_processor": "healthy"}, health
 
 
 def _ti(af, run_id: str) -> dict:

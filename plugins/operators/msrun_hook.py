@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import logging
 import os
 import pwd
 import re
@@ -55,6 +56,22 @@ _PR_SET_PDEATHSIG = 1
 JOIN_STARTED = "Waiting all processes to exit"
 # msrun hands log_dir to os.system() when a worker fails, so only plain path characters are allowed.
 _SAFE_LOG_DIR = re.compile(r"^[A-Za-z0-9_./=+-]+$")
+# A level as the ranks write it (``... rank0 WARNING captioning_core.runner: ...``) or as MindSpore's glog and
+# msrun do (``[WARNING] ME(...)``), near the start of a line
+_LINE_LEVEL = re.compile(r"(?:^|\s)\[?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\]?(?=[\s:])")
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR,
+           "CRITICAL": logging.CRITICAL}
+
+
+def line_level(line: str, previous: int = logging.INFO) -> int:
+    """The logging level a rank or msrun line was written at: its own level word; a traceback or an indented
+    continuation keeps the ``previous`` line's level; anything else is INFO."""
+    found = _LINE_LEVEL.search(line[:160])
+    if found:
+        return _LEVELS[found.group(1)]
+    if line.startswith((" ", "\t", "Traceback")) or re.match(r"^\w+(\.\w+)*(Error|Exception): ", line):
+        return previous
+    return logging.INFO
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
@@ -207,6 +224,7 @@ class MsrunHook(BaseHook):
         self.observer = observer
         self.proc: subprocess.Popen | None = None
         self._tails: dict[str, collections.deque] = {}
+        self._levels: dict[str, int] = {}  # per source: the last line's level (continuations keep it)
         self._offsets: dict[int, int] = {}
         self._stop = threading.Event()
         self.stop_reason: str | None = None  # set by kill(); run() raises with it
@@ -307,12 +325,15 @@ class MsrunHook(BaseHook):
             self.proc.wait()
 
     def _emit(self, source: str, line: str) -> None:
+        """One line of msrun or a rank into the task log, at the level it was written at (a failed row's
+        WARNING stays a warning, so filtering the log by level finds it)."""
         line = line.rstrip("\n")
         self._tails.setdefault(source, collections.deque(maxlen=self.tail_lines)).append(line)
+        level = self._levels[source] = line_level(line, self._levels.get(source, logging.INFO))
         if self.line_sink is not None:
             self.line_sink(f"[{source}] {line}")
         else:
-            self.log.info("[%s] %s", source, line)
+            self.log.log(level, "[%s] %s", source, line)
 
     def _pump_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
