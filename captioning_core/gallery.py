@@ -76,7 +76,7 @@ h1{font-size:1.3em}.sum{display:flex;gap:1.5em;flex-wrap:wrap;margin:.5em 0 1em}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e3e6ea;padding:6px;text-align:left;
 vertical-align:top}td.thumb img{height:72px;display:block}.ok{color:#17633a}.failed{color:#a4161a}
 .flag{background:#fff1c2;border-radius:4px;padding:0 4px;margin-right:4px;font-size:.85em}
-.path{font-family:monospace;font-size:.85em;word-break:break-all;max-width:28em}.err{color:#a4161a;font-size:.85em}
+.path{font-family:monospace;font-size:.85em;overflow-wrap:anywhere;max-width:28em}.err{color:#a4161a;font-size:.85em}
 nav a{margin-right:.6em}.fp{font-size:.85em;color:#57606a;margin-top:.3em}"""
 
 
@@ -93,8 +93,18 @@ def _row_html(r: GalleryRow, max_new_tokens: int, fingerprint: str) -> str:
                     for f in caption_flags(r.text, r.status, r.tokens, max_new_tokens))
     err = f'<div class="err">{html.escape(r.error)}</div>' if r.error else ""
     return (f'<tr data-row="{r.row}"><td>{r.row}</td><td class="thumb">{thumb}</td>'
-            f'<td class="path">{html.escape(r.path)}</td><td class="{html.escape(r.status)}">'
+            f'<td class="path">{_breakable_path(r.path)}</td><td class="{html.escape(r.status)}">'
             f'{html.escape(r.status)}</td><td class="caption">{flags}{html.escape(r.text)}{err}</td></tr>')
+
+
+def _figure(value) -> str:
+    """A summary figure as shown: "-" where there is none (a rate over too short a time is none)."""
+    return "-" if value is None else str(value)
+
+
+def _breakable_path(path: str) -> str:
+    """``path`` escaped, with line-break opportunities after each ``/`` (it wraps there, not mid-name)."""
+    return html.escape(path).replace("/", "/<wbr>")
 
 
 def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> dict[str, str]:
@@ -103,11 +113,12 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
     flagged = sum(bool(caption_flags(r.text, r.status, r.tokens, max_new_tokens)) for r in rows)
     cards = [("rows", summary.get("rows", len(rows))), ("captioned", summary.get("captioned", 0)),
              ("failed", summary.get("failed", 0)), ("skipped (done before)", summary.get("skipped", 0)),
-             ("flagged", flagged), ("rows/s", summary.get("rows_per_second", "-")),
+             ("flagged", flagged), ("rows/s, all ranks, last try", _figure(summary.get("rows_per_second"))),
              ("model busy", summary.get("model_busy", "-")),
              ("output tokens/row", summary.get("partition_output_tokens_per_row") or "-"),
-             ("output tokens/s per rank", " / ".join(str(v) for v in summary.get("output_tokens_per_second_per_rank")
-                                                     or []) or "-")]
+             ("output tokens/s per rank, last try", " / ".join(_figure(v) for v in
+                                                               summary.get("output_tokens_per_second_per_rank")
+                                                               or []) or "-")]
     head = "".join(f"<div><b>{html.escape(str(v))}</b>{html.escape(k)}</div>" for k, v in cards)
     fp = summary.get("fingerprint")
     settings = (f'<div class="fp" data-fingerprint="{html.escape(str(fp.get("id", "")))}">settings '
@@ -119,7 +130,7 @@ def render_pages(rows: list[GalleryRow], summary: dict, max_new_tokens: int) -> 
         out[page_name(page)] = (
             f"<!doctype html><html><head><meta charset=utf-8><title>Captions: "
             f"{html.escape(summary.get('output', ''))}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>Caption gallery</h1><div class=path>{html.escape(summary.get('output', ''))} "
+            f"<h1>Caption gallery</h1><div class=path>{_breakable_path(summary.get('output', ''))} "
             f"({html.escape(str(summary.get('model', '')))})</div>{settings}<div class=sum>{head}</div>{_nav(page, pages)}"
             f"<table><thead><tr><th>#</th><th>frames</th><th>video</th><th>status</th><th>caption</th></tr>"
             f"</thead><tbody>{body}</tbody></table>{_nav(page, pages)}</body></html>")

@@ -86,20 +86,33 @@ def since(ranks: list[dict], started: float) -> list[dict]:
     return [s for s in ranks if s.get("started_at", 0) >= started]
 
 
-def tokens_per_second_per_rank(ranks: list[dict]) -> list[float]:
-    """Output tokens per second of each rank (by rank), from rank stats dicts."""
-    return [round(s.get("output_tokens_per_second", 0.0), 2) for s in sorted(ranks, key=lambda s: s["rank"])]
+#: a rank's rate over less wall time than this is noise, not a figure (a rank whose only pending row was a
+#: broken file is done in a millisecond: thousands of rows/s); summaries, XCom and the gallery leave it out
+MIN_RATE_SECONDS = 0.5
+
+
+def _timed_long_enough(stat: dict) -> bool:
+    return stat.get("wall_seconds", 0.0) >= MIN_RATE_SECONDS
+
+
+def tokens_per_second_per_rank(ranks: list[dict]) -> list[float | None]:
+    """Output tokens per second of each rank (by rank), from rank stats dicts; None for a rank that ran less
+    than ``MIN_RATE_SECONDS``."""
+    return [round(s.get("output_tokens_per_second", 0.0), 2) if _timed_long_enough(s) else None
+            for s in sorted(ranks, key=lambda s: s["rank"])]
 
 
 def merge(ranks: list[dict], digits: int = 3) -> dict:
     """Figures of one attempt's rank records: sums, and rates over the summed seconds (``digits`` rounding of
-    rows/s and model-busy)."""
+    rows/s and model-busy). rows/s is the sum of the ranks' rates, over ranks that ran at least
+    ``MIN_RATE_SECONDS`` (None if none did)."""
     wall = sum(s.get("wall_seconds", 0.0) for s in ranks)
+    timed = [s for s in ranks if _timed_long_enough(s)]
     decoded = sum(s.get("rows_processed", 0) for s in ranks)
     generated = sum(s.get("captioned", 0) for s in ranks)
     tokens = sum(s.get("output_tokens", 0) for s in ranks)
     return {"skipped": sum(s.get("rows_skipped", 0) for s in ranks),
-            "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in ranks), digits),
+            "rows_per_second": round(sum(s.get("rows_per_second", 0.0) for s in timed), digits) if timed else None,
             "model_busy": round(sum(s.get("busy_seconds", 0.0) for s in ranks) / wall, digits) if wall else None,
             "decode_seconds_per_row": round(sum(s.get("decode_seconds", 0.0) for s in ranks) / decoded, 4)
             if decoded else None,

@@ -47,7 +47,7 @@ def test_rank_sigkill_then_the_airflow_retry_resumes(make_drill_env, s3_server, 
     assert 0 < result["model_busy"] <= 1 and result["rows_per_second"] > 0
     assert result["decode_seconds_per_row"] > 0 and result["input_wait_seconds"] >= 0
     assert result["output_tokens_per_row"] > 0 and len(result["output_tokens_per_second_per_rank"]) == 2
-    assert any(tps > 0 for tps in result["output_tokens_per_second_per_rank"])  # a rank may have had none left
+    assert any(tps for tps in result["output_tokens_per_second_per_rank"])  # a rank may have had none left
 
 
 def test_two_attempts_at_once_give_one_result_and_caption_once(make_drill_env, s3_server, s3_bucket, drill_clips):

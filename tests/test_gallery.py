@@ -43,3 +43,21 @@ def test_thumbnail_strip_is_a_jpeg_of_the_requested_height():
     frames = np.zeros((8, 90, 160, 3), np.uint8)
     img = Image.open(io.BytesIO(gallery.thumbnail_strip(frames)))
     assert img.format == "JPEG" and img.height == gallery.THUMB_HEIGHT and img.width == 4 * 128 + 3 * 3
+
+
+def test_paths_wrap_at_slashes_and_a_rate_over_too_short_a_time_is_not_shown():
+    """Issue 27: the header's S3 path breaks at '/', never mid-name; a rank that ran for a millisecond (its
+    only pending row was a broken file) has no rate, so rows/s and tokens/s are '-', not thousands."""
+    from captioning_core import stats
+
+    quick = {"rank": 0, "wall_seconds": 0.001, "rows_per_second": 7085.9, "output_tokens_per_second": 0.0,
+             "rows_processed": 1, "busy_seconds": 0.0}
+    slow = {**quick, "rank": 1, "wall_seconds": 12.0, "rows_per_second": 0.5, "output_tokens_per_second": 4.25}
+    assert stats.merge([quick])["rows_per_second"] is None
+    merged = stats.merge([quick, slow])
+    assert merged["rows_per_second"] == 0.5 and merged["output_tokens_per_second_per_rank"] == [None, 4.25]
+    page = gallery.render_pages(_rows(1), {"output": "s3://bucket/meta/2026-11-21/shard-0/out.csv",
+                                           **stats.merge([quick])}, 200)["index.html"]
+    assert "s3:/<wbr>/<wbr>bucket/<wbr>meta/<wbr>2026-11-21/<wbr>shard-0/<wbr>out.csv" in page
+    assert "<b>-</b>rows/s, all ranks, last try" in page and "<b>-</b>output tokens/s per rank" in page
+    assert "7085" not in page and "word-break:break-all" not in page

@@ -24,6 +24,7 @@ from captioning_core.faults import FaultPlan
 from captioning_core.prefetch import NOT_READY, BytePrefetcher
 from captioning_core.runner import RankRunner
 from captioning_core.sharding import RankInfo
+from captioning_core.stats import MIN_RATE_SECONDS
 from testkit.clips import ClipSpec, ensure_clip
 from testkit.colour_captioner import ColourCaptioner, colour_config
 from testkit.partition import Row, meta_csv
@@ -173,9 +174,12 @@ def test_default_batches_similar_lengths_and_every_row_gets_its_own_caption(tmp_
     summary = json.loads(Path(cfg.layout.summary).read_text())
     assert summary["output_tokens_per_row"] == 1.0  # the colour captioner's captions are one token each
     # the summary rounds the rank record's figure (3 places) to 2: compare the same chain, not the raw float
-    assert summary["output_tokens_per_second_per_rank"] == [round(stats.to_dict()["output_tokens_per_second"], 2)]
+    # (and leaves a rate out if the rank ran under MIN_RATE_SECONDS: the colour captioner is that fast on a quiet host)
+    rate = round(stats.to_dict()["output_tokens_per_second"], 2)
+    timed = stats.wall_seconds >= MIN_RATE_SECONDS
+    assert summary["output_tokens_per_second_per_rank"] == [rate if timed else None]
     index = Path(f"{cfg.output}.gallery/index.html").read_text()
-    assert "output tokens/row" in index and f"<b>{summary['output_tokens_per_second_per_rank'][0]}</b>" in index
+    assert "output tokens/row" in index and f"<b>{rate if timed else '-'}</b>" in index
 
 
 def test_token_budget_and_bs_bound_every_batch(tmp_path, mixed, tokens):
