@@ -184,5 +184,11 @@ with DAG(
         lease_poke=float(os.environ.get("CAPTION_LEASE_POKE_SECONDS", "30")),
         retries=int(os.environ.get("CAPTION_RETRIES", "2")),
         retry_delay=timedelta(seconds=int(os.environ.get("CAPTION_RETRY_DELAY_SECONDS", "60"))),
+        # A try's time budget follows its shard: seconds per video x its rows + a base for start-up and publish
+        # (the operator stops msrun, the ranks journal what is done, the try fails and is retried);
+        # execution_timeout stays the outer bound of any try.
+        seconds_per_video=float(os.environ.get("CAPTION_SECONDS_PER_VIDEO", "120")),
+        budget_base=float(os.environ.get("CAPTION_BUDGET_BASE_SECONDS", "900")),
+        execution_timeout=timedelta(hours=float(os.environ.get("CAPTION_EXECUTION_TIMEOUT_HOURS", "24"))),
     ).expand_kwargs(shards)
     train(key, shards, captions.output)
