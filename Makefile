@@ -52,7 +52,7 @@ db-init: setup
 
 # Regenerates the README's gallery picture with the demo itself.
 screenshot: setup
-	$(PY) -m demo --screenshot docs/gallery.png
+	$(PY) -m demo --screenshot docs/gallery.png --log-screenshot docs/task_log.png
 
 # Regenerates the README's grid-view pictures (partition keys, both ascend hosts) on the local Celery cluster.
 screenshot-cluster: setup

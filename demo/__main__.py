@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="afterwards, serve the Airflow UI (and the caption gallery) on 127.0.0.1 until Ctrl-C")
     parser.add_argument("--screenshot", metavar="PNG", default=None,
                         help="afterwards, save a headless-Chromium screenshot of the caption gallery here")
+    parser.add_argument("--log-screenshot", metavar="PNG", default=None,
+                        help="afterwards, save a headless-Chromium screenshot of the caption task's log in the UI here")
     parser.add_argument("--cluster", action="store_true",
                         help="run on a local CeleryExecutor cluster (Redis, PostgreSQL, two ascend workers) with a "
                              "backfill over two daily partitions, instead of the embedded `airflow dags test`")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / "train_manifest.csv").write_bytes(
                 client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
             _print_report(table, expected, manifest, manifest_key, out, airflow, started)
-            if args.ui or args.screenshot:
+            if args.ui or args.screenshot or args.log_screenshot:
                 token = af.token("admin") if users else af.request("GET", "/auth/token")[1]["access_token"]
                 url = f"{af.base_url}{_gallery_link(af, token)}"
                 if args.screenshot:
@@ -120,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
                     browser.visit(url, cookies={"_token": token}, screenshot=args.screenshot, size=(1200, 760))
                     log.info("gallery screenshot saved to %s", args.screenshot)
+                if args.log_screenshot:
+                    from urllib.parse import quote
+
+                    from testkit import browser
+
+                    page = f"{af.base_url}/dags/video_curation/runs/{quote(run_id, safe='')}/tasks/caption/mapped/0"
+                    browser.visit(page, cookies={"_token": token}, screenshot=args.log_screenshot, size=(1500, 900),
+                                  settle=12)
+                    log.info("task log screenshot saved to %s", args.log_screenshot)
                 if args.ui:
                     print(f"\nAirflow UI: {af.base_url}/dags/video_curation  "  # noqa: T201
                           f"(log in as admin, password {af.passwords['admin']})\n"
