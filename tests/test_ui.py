@@ -158,6 +158,11 @@ def test_gallery_is_behind_the_airflow_login_and_never_runs_planted_html(ui, s3_
     # the grid, as the admin sees it after logging in
     grid = browser.visit(f"{af.base_url}/dags/video_curation/runs/{quoted}", cookies=admin_cookie, settle=15)
     assert "caption" in grid["html"] and "scrape" in grid["html"]
+    # the caption task's log, as the admin opens it in the UI: msrun's argv and both ranks' progress lines
+    task = browser.visit(f"{af.base_url}/dags/video_curation/runs/{quoted}/tasks/caption/mapped/0",
+                         cookies=admin_cookie, settle=12, size=(1500, 1400))
+    assert "msrun argv" in task["html"], task["html"][-3000:]
+    assert "progress rank 0/2" in task["html"] and "progress rank 1/2" in task["html"], task["html"][-3000:]
 
 
 def _check_what_the_ui_shows(af, quoted_run: str, wall: float) -> None:
