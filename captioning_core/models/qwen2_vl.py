@@ -201,6 +201,7 @@ class Qwen2VLCaptioner(Captioner):
         self.model = getattr(transformers, self.model_class).from_pretrained(
             self.model_dir, torch_dtype=runtime.torch_dtype(self.cfg.dtype), trust_remote_code=False,
             use_safetensors=not pickled_weights_allowed())
+        runtime.own_parameters(self.model)  # no host copy of the weights left beside MindSpore's (item 11)
         self.model.eval()
         log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
 
