@@ -169,6 +169,12 @@ def _retrying(fn):
     return wrapper
 
 
+def etag_of(response: dict) -> str | None:
+    """The ETag of a listing entry or a HEAD/GET response, without its quotes (None if it has none)."""
+    etag = str(response.get("ETag") or "").strip('"')
+    return etag or None
+
+
 def is_not_found(err: Exception) -> bool:
     """True for a missing local file or S3 object."""
     return isinstance(err, FileNotFoundError) or error_code(err) in _NOT_FOUND_CODES

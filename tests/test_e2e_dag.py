@@ -123,7 +123,8 @@ def test_a_row_planted_outside_the_partition_fails_unread_under_the_dags_allowed
     client.upload_file(str(ensure_clip(LATE, env.home)), other, "private/planted.mp4")
     planted = f"s3://{other}/private/planted.mp4"
     metadb.ensure_partition(conn, KEY)
-    metadb.run_many(conn, "register", [{"partition_key": KEY, "path": planted, "size_bytes": 1}])
+    metadb.run_many(conn, "register", [{"partition_key": KEY, "path": planted, "size_bytes": 1,
+                                        "video_etag": None, "video_modified": None}])
     conf = {"bucket": bucket, "shard_size": 100, "caption_options": TINY_CAPTION_OPTIONS}
     run = env.dags_test("video_curation", KEY, conf)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
@@ -204,7 +205,7 @@ def test_schema_applies_twice(pg_database):
         metadb.apply_schema(conn)
         metadb.ensure_partition(conn, "k'; DROP TABLE video_meta; --")
         metadb.run(conn, "register", {"partition_key": "k'; DROP TABLE video_meta; --", "path": "s3://b/x.mp4",
-                                      "size_bytes": 1})
+                                      "size_bytes": 1, "video_etag": "e", "video_modified": None})
         rows = metadb.run(conn, "select_partition", {"partition_key": "k'; DROP TABLE video_meta; --"})
         assert [r[0] for r in rows] == ["s3://b/x.mp4"]
     finally:
@@ -219,7 +220,8 @@ def test_metadb_works_with_psycopg3_connections(pg_server, pg_database):
     try:
         metadb.apply_schema(conn)
         metadb.ensure_partition(conn, "k3")
-        metadb.run_many(conn, "register", [{"partition_key": "k3", "path": f"s3://b/{i}.mp4", "size_bytes": i}
+        metadb.run_many(conn, "register", [{"partition_key": "k3", "path": f"s3://b/{i}.mp4", "size_bytes": i,
+                                            "video_etag": None, "video_modified": None}
                                            for i in range(3)])
         assert [r[0] for r in metadb.run(conn, "select_partition", {"partition_key": "k3"})] == [
             "s3://b/0.mp4", "s3://b/1.mp4", "s3://b/2.mp4"]

@@ -1,0 +1,131 @@
+"""A video replaced in place (same key, other bytes) is captioned again, and only it (issue 25 #5).
+
+Real SeaweedFS, real PostgreSQL, real decord, the real ``RankRunner`` with ColourCaptioner (it names each
+clip's colour, so a caption says which bytes were read). Before, the registry's upsert did nothing for a
+path it knew and nothing recorded the object's identity: a replaced video kept its old caption for good.
+Now scrape records each object's ETag, a changed one re-queues the video into a new shard, and the ranks
+check that the bytes they read are the ones the meta row names.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from captioning_core import storage
+from captioning_core.config import default_output
+from captioning_core.faults import FaultPlan
+from captioning_core.runner import RankRunner
+from captioning_core.sharding import RankInfo
+from curation import metadb, steps
+from testkit.clips import ClipSpec, ensure_clip
+from testkit.colour_captioner import ColourCaptioner, colour_config
+from testkit.outputs import read_csv_from_s3
+
+pytestmark = pytest.mark.integration
+
+KEY = "2026-12-07"
+MODEL = "colour"
+SPECS = {"a.mp4": ClipSpec("red", "left"), "b.mp4": ClipSpec("green", "left"), "c.mp4": ClipSpec("blue", "left"),
+         "d.mp4": ClipSpec("red", "right")}
+NEW = ClipSpec("yellow", "up")  # what b.mp4 is replaced with
+
+
+class World:
+    """One partition's incoming videos on S3 and its registry in PostgreSQL; the DAG's steps over them."""
+
+    def __init__(self, s3_server, pg_server, clip_dir) -> None:
+        self.bucket = s3_server.create_bucket(f"replaced-{uuid.uuid4().hex[:8]}")
+        self.s3 = s3_server.client()
+        self.clip_dir = clip_dir
+        dbname = f"replaced_{uuid.uuid4().hex[:8]}"
+        pg_server.create_database(dbname)
+        self.conn = pg_server.connect(dbname)
+        metadb.apply_schema(self.conn)
+
+    def uri(self, name: str) -> str:
+        return f"s3://{self.bucket}/incoming/{KEY}/{name}"
+
+    def upload(self, name: str, spec: ClipSpec) -> None:
+        self.s3.upload_file(str(ensure_clip(spec, self.clip_dir)), self.bucket, f"incoming/{KEY}/{name}")
+
+    def scrape_and_filter(self) -> list[str]:
+        steps.scrape(self.s3, self.conn, self.bucket, f"incoming/{KEY}", KEY)
+        shards = steps.filter_partition(self.s3, self.conn, KEY, steps.Thresholds(min_frames=2), self.bucket,
+                                        "meta", shard_size=2)
+        return [s["meta_path"] for s in shards]
+
+    def caption(self, meta: str) -> dict:
+        """What the caption task does for one shard (the ranks, in process); its result for write_back."""
+        cfg = colour_config(meta)
+        RankRunner(cfg, RankInfo(0, 1), ColourCaptioner(cfg), FaultPlan()).run()
+        return {"output": default_output(meta, MODEL)}
+
+    def write_back(self, shards: list[str]) -> None:
+        steps.write_back(self.s3, self.conn, KEY, [{"output": default_output(s, MODEL)} for s in shards], MODEL,
+                         [{"meta_path": s} for s in shards])
+
+    def registry(self) -> dict[str, tuple]:
+        with metadb.transaction(self.conn) as cur:
+            cur.execute("SELECT path, text, caption_status, meta_uri, video_etag, captioned_at FROM video_meta "
+                        "WHERE partition_key = %s", (KEY,))
+            return {path: tuple(rest) for path, *rest in cur.fetchall()}
+
+    def etag(self, name: str) -> str:
+        return storage.etag_of(self.s3.head_object(Bucket=self.bucket, Key=f"incoming/{KEY}/{name}"))
+
+
+@pytest.fixture
+def world(s3_server, pg_server, tmp_path_factory, s3_env):
+    w = World(s3_server, pg_server, tmp_path_factory.mktemp("replaced-clips"))
+    yield w
+    w.conn.close()
+
+
+def _captions(world: World) -> dict[str, str]:
+    return {path: row[0] for path, row in world.registry().items()}
+
+
+def test_a_video_replaced_in_place_is_captioned_again_and_nothing_else_is(world):
+    for name, spec in SPECS.items():
+        world.upload(name, spec)
+    first = world.scrape_and_filter()
+    assert len(first) == 2
+    for shard in first:
+        world.caption(shard)
+    world.write_back(first)
+    assert _captions(world) == {world.uri(n): s.color for n, s in SPECS.items()}
+    before = world.registry()
+    outputs_before = {s: read_csv_from_s3(world.s3, default_output(s, MODEL))[1] for s in first}
+
+    world.upload("b.mp4", NEW)  # replaced in place: same key, other bytes
+    assert world.etag("b.mp4") != before[world.uri("b.mp4")][3]
+    shards = world.scrape_and_filter()
+    assert shards[:2] == first and len(shards) == 3  # the old shards stay as they are; b goes to a new one
+    new_shard = shards[2]
+    out, _ = read_csv_from_s3(world.s3, new_shard)
+    assert out["path"].tolist() == [world.uri("b.mp4")] and out["video_etag"].tolist() == [world.etag("b.mp4")]
+    row = world.registry()[world.uri("b.mp4")]
+    assert row[:4] == (None, None, new_shard, world.etag("b.mp4"))  # old caption cleared, in the new shard
+
+    ColourCaptioner.generate_calls = []
+    for shard in shards:  # every shard's task runs; the old ones find their journal complete
+        world.caption(shard)
+    assert ColourCaptioner.generate_calls == [1]  # only the replaced video was captioned
+    for shard in first:
+        assert read_csv_from_s3(world.s3, default_output(shard, MODEL))[1] == outputs_before[shard]
+    world.write_back(shards)
+
+    after = world.registry()
+    assert sorted(after) == sorted(before)  # no row lost or added
+    assert _captions(world) == {**{world.uri(n): s.color for n, s in SPECS.items()}, world.uri("b.mp4"): "yellow"}
+    assert {p: r for p, r in after.items() if p != world.uri("b.mp4")} == {
+        p: r for p, r in before.items() if p != world.uri("b.mp4")}  # untouched, not even captioned_at
+    manifest = steps.write_manifest(world.s3, world.conn, KEY, world.bucket, "manifests")
+    assert manifest["rows"] == len(SPECS)
+
+    # the same bytes uploaded again (a new LastModified, the same ETag) re-queue nothing
+    world.upload("b.mp4", NEW)
+    assert world.scrape_and_filter() == shards
+    assert world.registry() == after
