@@ -129,3 +129,35 @@ def test_a_video_replaced_in_place_is_captioned_again_and_nothing_else_is(world)
     world.upload("b.mp4", NEW)
     assert world.scrape_and_filter() == shards
     assert world.registry() == after
+
+
+def test_a_video_replaced_between_filter_and_caption_fails_its_row_then_is_captioned_once(world):
+    for name, spec in SPECS.items():
+        world.upload(name, spec)
+    shards = world.scrape_and_filter()
+    world.upload("b.mp4", NEW)  # after filter named its ETag in the shard, before the ranks read it
+    ColourCaptioner.generate_calls = []
+    for shard in shards:
+        world.caption(shard)
+    assert sum(ColourCaptioner.generate_calls) == len(SPECS) - 1  # the changed video is not captioned
+    world.write_back(shards)
+    row = world.registry()[world.uri("b.mp4")]
+    assert row[1] == "failed"  # not a caption of other bytes than the meta names
+    out = _outputs(world, shards)
+    assert out["video_etag"].tolist() == [world.registry()[p][3] for p in out["path"]]  # what each result is for
+
+    again = world.scrape_and_filter()  # the registry sees the new ETag: b is re-queued
+    assert again[:len(shards)] == shards and len(again) == len(shards) + 1
+    ColourCaptioner.generate_calls = []
+    for shard in again:
+        world.caption(shard)
+    assert ColourCaptioner.generate_calls == [1]
+    world.write_back(again)
+    assert _captions(world) == {**{world.uri(n): s.color for n, s in SPECS.items()}, world.uri("b.mp4"): "yellow"}
+    assert world.registry()[world.uri("b.mp4")][1] == "ok"
+
+
+def _outputs(world: World, shards: list[str]):
+    import pandas as pd
+
+    return pd.concat([read_csv_from_s3(world.s3, default_output(s, MODEL))[0] for s in shards], ignore_index=True)
