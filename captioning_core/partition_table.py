@@ -10,6 +10,7 @@ import io
 from dataclasses import dataclass
 
 from captioning_core import storage
+from captioning_core.output_identity import IDENTITY_COLUMN
 
 PATH_COLUMN = "path"
 TEXT_COLUMN = "text"
@@ -19,7 +20,6 @@ ERROR_COLUMN = "caption_error"
 # A meta that has the column names the identity each row must have (the curation DAG's shards do); the ranks
 # then fail a row whose object is another one and ignore journal rows made for other bytes. Without it the
 # output gets the column, filled with what was read.
-IDENTITY_COLUMN = "video_etag"
 OWNED_COLUMNS = (TEXT_COLUMN, STATUS_COLUMN, ERROR_COLUMN)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"

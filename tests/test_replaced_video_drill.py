@@ -161,3 +161,37 @@ def _outputs(world: World, shards: list[str]):
     import pandas as pd
 
     return pd.concat([read_csv_from_s3(world.s3, default_output(s, MODEL))[0] for s in shards], ignore_index=True)
+
+
+def test_a_meta_rewritten_in_place_with_a_new_identity_recaptions_that_row_only(world):
+    """Outside the DAG a meta may be rewritten in place (a user's pipeline): the existing output is then not
+    finished for the rows whose ``video_etag`` changed (the ranks' ``--skip_if_existing`` and the operator
+    share ``output_identity.changed_rows``), and only those rows are captioned again."""
+    from captioning_core import cli, output_identity
+
+    for name, spec in SPECS.items():
+        world.upload(name, spec)
+    shard = world.scrape_and_filter()[0]
+    world.caption(shard)
+    output = default_output(shard, MODEL)
+    meta_table, meta_body = read_csv_from_s3(world.s3, shard)
+    old_out, old_body = read_csv_from_s3(world.s3, output)
+    assert output_identity.changed_rows(meta_body, old_body) == []
+    cfg = colour_config(shard, skip_if_existing=True)
+    assert not cli._videos_replaced(cfg)
+
+    name = meta_table["path"][1].rsplit("/", 1)[1]
+    world.upload(name, NEW)
+    meta_table.loc[1, "video_etag"] = world.etag(name)
+    bucket, key = storage.split(shard)
+    world.s3.put_object(Bucket=bucket, Key=key, Body=meta_table.to_csv(index=False).encode())
+    assert output_identity.changed_rows(world.s3.get_object(Bucket=bucket, Key=key)["Body"].read(), old_body) == [1]
+    assert cli._videos_replaced(cfg)  # the ranks' skip does not take the old output for finished
+
+    ColourCaptioner.generate_calls = []
+    world.caption(shard)  # as the ranks run after _videos_replaced: the publish replaces the output
+    assert ColourCaptioner.generate_calls == [1]  # row 0 came from the journal
+    new_out, new_body = read_csv_from_s3(world.s3, output)
+    assert new_out["text"].tolist() == [old_out["text"][0], "yellow"]
+    assert new_out["video_etag"].tolist() == meta_table["video_etag"].tolist()
+    assert not cli._videos_replaced(cfg)
