@@ -1,7 +1,8 @@
 """What the curation DAG's tasks do, outside Airflow: plain functions over an S3 client and a DB connection.
 
-Every step is idempotent: registering a video twice changes nothing, probing skips videos already probed,
-a video keeps the meta shard it was first written to and new videos go to new shards (a shard's CSV never
+Every step is idempotent: registering a video twice changes nothing (unless its object was replaced in
+place: another ETag or size makes it a new video at an old path, probed and sharded again), probing skips
+videos already probed, a video keeps the meta shard it was first written to and new videos go to new shards (a shard's CSV never
 changes, so its finished caption output is found and reused, and a partition that grows costs caption work
 for its new videos only), captions are upserted only where something changed, and the manifest is only
 rewritten when its bytes change.
