@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from captioning_core import storage
 from captioning_core.output_identity import IDENTITY_COLUMN
 
-# IDENTITY_COLUMN (``video_etag``, imported above): the identity of the bytes a row's result is for (S3 ETag; a local file's
-# ``local:<size>:<mtime_ns>``). A meta that has the column names the identity each row must have (the curation
-# DAG's shards do); the ranks then fail a row whose object is another one and ignore journal rows made for
-# other bytes. Without it the output gets the column, filled with what was read.
+# IDENTITY_COLUMN (``video_etag``, imported above): the identity of the bytes a row's result is for (S3 ETag;
+# a local file's ``local:<size>:<mtime_ns>``). A meta that has the column names the identity each row must
+# have (the curation DAG's shards do); the ranks then fail a row whose object is another one and ignore
+# journal rows made for other bytes. Without it the output gets the column, filled with what was read.
 PATH_COLUMN = "path"
 TEXT_COLUMN = "text"
 STATUS_COLUMN = "caption_status"
