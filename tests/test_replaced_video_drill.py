@@ -195,3 +195,28 @@ def test_a_meta_rewritten_in_place_with_a_new_identity_recaptions_that_row_only(
     assert new_out["text"].tolist() == [old_out["text"][0], "yellow"]
     assert new_out["video_etag"].tolist() == meta_table["video_etag"].tolist()
     assert not cli._videos_replaced(cfg)
+
+
+def test_rows_registered_before_etags_adopt_theirs_unless_the_size_changed(world):
+    """An upgrade does not recaption a partition: a row without a recorded ETag takes the listed one and keeps
+    its caption when the size is unchanged; a row whose size changed too is re-queued."""
+    for name, spec in SPECS.items():
+        world.upload(name, spec)
+    shards = world.scrape_and_filter()
+    for shard in shards:
+        world.caption(shard)
+    world.write_back(shards)
+    with metadb.transaction(world.conn) as cur:  # as rows registered before the column existed look
+        cur.execute("UPDATE video_meta SET video_etag = NULL, video_modified = NULL")
+        cur.execute("UPDATE video_meta SET size_bytes = size_bytes + 1 WHERE path = %s", (world.uri("c.mp4"),))
+    before = world.registry()
+    again = world.scrape_and_filter()
+    after = world.registry()
+    assert again[:len(shards)] == shards and len(again) == len(shards) + 1
+    for name in SPECS:
+        path = world.uri(name)
+        assert after[path][3] == world.etag(name)
+        if name == "c.mp4":
+            assert after[path][:3] == (None, None, again[-1])
+        else:
+            assert after[path][:3] == before[path][:3] and after[path][4] == before[path][4]
