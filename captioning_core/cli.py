@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, model: str = "qwen2vl") -> int:
         parser.error(str(err))
     try:
         if cfg.skip_if_existing and storage.exists(cfg.output):
-            if not _replacement_to_finish(cfg):
+            if not _replacement_to_finish(cfg) and not _videos_replaced(cfg):
                 log.info("output exists, skipping: %s", cfg.output)
                 if info.rank == 0:
                     _rebuild_beside(cfg)
@@ -103,6 +103,19 @@ def _replacement_to_finish(cfg: RunConfig) -> bool:
     log.warning("%s exists, but a replacement with these settings stopped before writing it (its summary "
                 "names them, for other bytes): finishing that replacement", cfg.output)
     return True
+
+
+def _videos_replaced(cfg: RunConfig) -> bool:
+    """The output exists, but some of its rows were made for other videos than the meta names now (their
+    ``video_etag`` changed): not finished; those rows are captioned again, the rest come from the journal."""
+    from captioning_core import output_identity
+
+    changed = output_identity.changed_rows(storage.read_bytes(cfg.meta_path), storage.read_bytes(cfg.output),
+                                           cfg.meta_path, cfg.output)
+    if changed:
+        log.warning("%s exists, but %d of its rows were made for other videos than %s names now (first: row "
+                    "%d): captioning those again", cfg.output, len(changed), cfg.meta_path, changed[0])
+    return bool(changed)
 
 
 def _rebuild_beside(cfg: RunConfig) -> None:

@@ -57,6 +57,11 @@ def _s3_environment(err: BaseException) -> bool:
     return storage.is_transient(err) or storage.is_access_denied(err)
 
 
+class VideoChangedError(Exception):
+    """The object at a row's path is not the one its meta row names (``video_etag``): it was replaced after
+    the meta was written. The row's data, final: the registry's next scrape re-queues the new bytes."""
+
+
 def classify(error: BaseException, stage: str) -> str:
     """``DATA``, ``TRANSIENT`` or ``FATAL`` for ``error`` raised at ``stage`` (one of ``STAGES``)."""
     if stage not in STAGES:
@@ -67,7 +72,7 @@ def classify(error: BaseException, stage: str) -> str:
         return TRANSIENT
     if isinstance(error, TransientError):
         return TRANSIENT
-    if isinstance(error, IsADirectoryError | NotADirectoryError):  # the path names no file: the data's
+    if isinstance(error, IsADirectoryError | NotADirectoryError | VideoChangedError):  # not this row's file
         return DATA
     environment = _s3_environment(error) or isinstance(error, PermissionError)
     if stage == "preflight":  # anything else (not there, a directory, ...) is left for the row's own stages

@@ -52,6 +52,7 @@ class RowResult:
     tokens: int = 0  # generated tokens (a caption at max_new_tokens was probably cut off)
     thumb: bool = False  # a thumbnail strip was written for the gallery
     fingerprint: str = ""  # id of the settings that made this result (captioning_core.fingerprint)
+    video_etag: str = ""  # identity of the video this result is for (partition_table.IDENTITY_COLUMN)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -61,7 +62,7 @@ class RowResult:
         raw = json.loads(line)
         return cls(int(raw["row"]), str(raw["path"]), str(raw["status"]), str(raw.get("text", "")),
                    str(raw.get("error", "")), int(raw.get("attempts", 1)), int(raw.get("tokens", 0)),
-                   bool(raw.get("thumb", False)), str(raw.get("fingerprint", "")))
+                   bool(raw.get("thumb", False)), str(raw.get("fingerprint", "")), str(raw.get("video_etag", "")))
 
 
 def is_final(result: RowResult | None, max_attempts: int) -> bool:
@@ -84,7 +85,7 @@ def as_published(result: RowResult) -> RowResult:
         return result
     return RowResult(result.row, result.path, STATUS_FAILED, "",
                      f"gave up after {result.attempts} attempts: {result.error}", result.attempts, result.tokens,
-                     result.thumb, result.fingerprint)
+                     result.thumb, result.fingerprint, result.video_etag)
 
 
 def _better(new: RowResult, old: RowResult | None) -> bool:
@@ -106,14 +107,17 @@ def _read_part(uri: str) -> bytes | None:
         raise
 
 
-def load(prefix: str, paths: list[str], fingerprint: str | None = None) -> dict[int, RowResult]:
+def load(prefix: str, paths: list[str], fingerprint: str | None = None,
+         identities: list[str] | None = None) -> dict[int, RowResult]:
     """Best record per row from every part under ``prefix`` (read in parallel).
 
     Records that don't match the partition are ignored, and so are records made under another fingerprint
-    when ``fingerprint`` is given (``None``: any; old records without one count as ``""``).
+    when ``fingerprint`` is given (``None``: any; old records without one count as ``""``), and records made
+    for another video than the one the meta row names when ``identities`` gives it (a row's ``video_etag``;
+    ``""`` or no list: any), so a video replaced at the same path is captioned again.
     """
     results: dict[int, RowResult] = {}
-    ignored = other_settings = 0
+    ignored = other_settings = other_video = 0
     for _ in range(10):
         uris = [u for u in storage.list_prefix(prefix) if u.endswith(PART_SUFFIX)]
         with ThreadPoolExecutor(min(READ_WORKERS, max(1, len(uris))), thread_name_prefix="journal-read") as pool:
@@ -140,6 +144,9 @@ def load(prefix: str, paths: list[str], fingerprint: str | None = None) -> dict[
             if fingerprint is not None and rec.fingerprint != fingerprint:
                 other_settings += 1
                 continue
+            if identities is not None and identities[rec.row] and rec.video_etag != identities[rec.row]:
+                other_video += 1
+                continue
             if _better(rec, results.get(rec.row)):
                 results[rec.row] = rec
     if ignored:
@@ -147,6 +154,9 @@ def load(prefix: str, paths: list[str], fingerprint: str | None = None) -> dict[
     if other_settings:
         log.info("journal %s: ignored %d records made under other settings (fingerprint is %s)", prefix,
                  other_settings, fingerprint)
+    if other_video:
+        log.info("journal %s: ignored %d records made for another video at the row's path (its video_etag "
+                 "changed)", prefix, other_video)
     return results
 
 

@@ -10,7 +10,12 @@ import io
 from dataclasses import dataclass
 
 from captioning_core import storage
+from captioning_core.output_identity import IDENTITY_COLUMN
 
+# IDENTITY_COLUMN (``video_etag``, imported above): the identity of the bytes a row's result is for (S3 ETag;
+# a local file's ``local:<size>:<mtime_ns>``). A meta that has the column names the identity each row must
+# have (the curation DAG's shards do); the ranks then fail a row whose object is another one and ignore
+# journal rows made for other bytes. Without it the output gets the column, filled with what was read.
 PATH_COLUMN = "path"
 TEXT_COLUMN = "text"
 STATUS_COLUMN = "caption_status"
@@ -32,6 +37,13 @@ class Partition:
     @property
     def paths(self) -> list[str]:
         return self.table[PATH_COLUMN].tolist()
+
+    @property
+    def identities(self) -> list[str] | None:
+        """Each row's expected identity (``""``: not named), or None when the meta has no identity column."""
+        if IDENTITY_COLUMN not in self.table.columns:
+            return None
+        return self.table[IDENTITY_COLUMN].tolist()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -74,7 +86,7 @@ def merge_results(partition: Partition, results: dict) -> object:
     Sets the columns on the partition's own table (no copy: a million-row table would double in memory).
     """
     table = partition.table
-    texts, statuses, errors = [], [], []
+    texts, statuses, errors, identities = [], [], [], []
     for row in range(len(table)):
         res = results.get(row)
         if res is None:
@@ -82,9 +94,12 @@ def merge_results(partition: Partition, results: dict) -> object:
         texts.append(res.text if res.status == STATUS_OK else "")
         statuses.append(res.status)
         errors.append(res.error or "")
+        identities.append(getattr(res, "video_etag", "") or "")
     table[TEXT_COLUMN] = texts
     table[STATUS_COLUMN] = statuses
     table[ERROR_COLUMN] = errors
+    if IDENTITY_COLUMN not in table.columns:  # a meta's own column passes through (rows match it by now)
+        table[IDENTITY_COLUMN] = identities
     return table
 
 

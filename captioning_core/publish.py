@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def final_results(cfg: RunConfig, partition: Partition, fp_id: str) -> tuple[dict, dict, list[int]]:
     """(row -> journaled RowResult, row -> RowResult as published, rows still without a final result)."""
-    raw = journal.load(cfg.layout.parts, partition.paths, fp_id)
+    raw = journal.load(cfg.layout.parts, partition.paths, fp_id, partition.identities)
     pending = [r for r in range(len(partition)) if journal.needs_retry(raw.get(r), cfg.max_row_attempts)]
     return raw, {r: journal.as_published(res) for r, res in raw.items()}, pending
 

@@ -25,7 +25,7 @@ from captioning_core import fingerprint, gallery, journal, partition_table, sign
 from captioning_core.batching import BatchPlanner, padded_tokens
 from captioning_core.config import RunConfig
 from captioning_core.decode_sandbox import DecodeSandbox
-from captioning_core.errors import TRANSIENT, classify, is_oom, short_error
+from captioning_core.errors import TRANSIENT, VideoChangedError, classify, is_oom, short_error
 from captioning_core.faults import FaultPlan
 from captioning_core.journal import STATUS_TRANSIENT, JournalWriter, RowResult
 from captioning_core.lease_fence import LeaseFence
@@ -56,6 +56,7 @@ class Prepared:
     thumb: bytes | None = None
     nbytes: int = 0
     tokens: int | None = None  # prefill tokens (captioner.prefill_tokens), None if unknown
+    video_etag: str = ""  # identity of the bytes read (storage.fetch_to_local); "" if none were
 
 
 @dataclass
@@ -72,7 +73,8 @@ class RankRunner:
         fp_id = self.fingerprint["id"]
         stats = RankStats(info.rank, info.world_size, fingerprint=fp_id)
         partition = partition_table.read_partition(cfg.meta_path)
-        previous = journal.load(cfg.layout.parts, partition.paths, fp_id)
+        self._identities = partition.identities
+        previous = journal.load(cfg.layout.parts, partition.paths, fp_id, self._identities)
         owned = rows_for_rank(len(partition), info)
         pending = [r for r in owned if not journal.is_final(previous.get(r), cfg.max_row_attempts)]
         stats.rows_owned, stats.rows_skipped = len(owned), len(owned) - len(pending)
@@ -249,7 +251,11 @@ class RankRunner:
             stage = "path"
             uri = resolve_video(path, self.cfg)
             stage = "fetch"
-            local, owned = storage.fetch_to_local(uri, cache_dir)  # a local file is opened and read here
+            local, owned, prep.video_etag = storage.fetch_to_local(uri, cache_dir)  # a local file is read here
+            expected = self._expected_identity(row)
+            if expected and prep.video_etag != expected:
+                raise VideoChangedError(f"video changed since the meta was written: {path} is now "
+                                        f"{prep.video_etag}, the meta row names {expected}")
             stage = "decode"
             prep.item = self.captioner.prepare(local)
             frames = self.captioner.thumbnail_frames(prep.item)
@@ -319,8 +325,14 @@ class RankRunner:
         if status != STATUS_OK:
             log.warning("rank %d: row %d %s (attempt %d): %s", self.info.rank, prep.row,
                         "failed" if status == STATUS_FAILED else "hit a transient error", attempts, error)
+        # the result is for the video the meta row names (a caption only ever is: see _prepare_one), else
+        # for the bytes read
         return RowResult(prep.row, prep.path, status, text, error, attempts, tokens, prep.thumb is not None,
-                         self.fingerprint["id"])
+                         self.fingerprint["id"], self._expected_identity(prep.row) or prep.video_etag)
+
+    def _expected_identity(self, row: int) -> str:
+        identities = getattr(self, "_identities", None)
+        return identities[row] if identities else ""
 
     def _failed(self, prep: Prepared, error: str, previous: dict) -> RowResult:
         return self._result(prep, STATUS_TRANSIENT if prep.transient else STATUS_FAILED, "", error, previous)

@@ -169,6 +169,12 @@ def _retrying(fn):
     return wrapper
 
 
+def etag_of(response: dict) -> str | None:
+    """The ETag of a listing entry or a HEAD/GET response, without its quotes (None if it has none)."""
+    etag = str(response.get("ETag") or "").strip('"')
+    return etag or None
+
+
 def is_not_found(err: Exception) -> bool:
     """True for a missing local file or S3 object."""
     return isinstance(err, FileNotFoundError) or error_code(err) in _NOT_FOUND_CODES
@@ -378,24 +384,33 @@ def check_local_file(path: str) -> None:
         fh.read(1)
 
 
-def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool]:
+def fetch_to_local(uri: str, cache_dir: str) -> tuple[str, bool, str]:
     """Return a local path for ``uri``: the path itself, or a fresh download into ``cache_dir``.
 
-    The second value says whether the caller owns (and should delete) the returned file.
+    The second value says whether the caller owns (and should delete) the returned file; the third is the
+    identity of the bytes at that path: the ETag of the object downloaded (every GET of the transfer is
+    conditional on the ETag its HEAD saw), or ``local:<size>:<mtime_ns>`` of a local file.
     """
     if not is_s3(uri):
         check_local_file(uri)
-        return uri, False
+        st = os.stat(uri)
+        return uri, False, f"local:{st.st_size}:{st.st_mtime_ns}"
     loc = S3Location.parse(uri)
     suffix = posixpath.splitext(loc.key)[1][:16]
     # The local name is random: nothing in the key (``..``, slashes, unicode) can steer it.
     local = os.path.join(cache_dir, f"{uuid.uuid4().hex}{suffix}")
-    _download(loc, local)
-    return local, True
+    return local, True, _download(loc, local)
 
 
 @_retrying
-def _download(loc: S3Location, local: str) -> None:
+def _download(loc: S3Location, local: str) -> str:
     """One video into ``local``, retried like every other S3 call: a short outage must not turn a row
-    transient. (The transfer writes a temporary name and renames, so a failed try leaves nothing at ``local``.)"""
-    s3_client().download_file(loc.bucket, loc.key, local)
+    transient. (The transfer writes a temporary name and renames, so a failed try leaves nothing at ``local``.)
+    Returns the ETag of what was downloaded: boto3's transfer HEADs the object and makes each GET conditional
+    on that ETag, so the bytes are that object's even if it is replaced meanwhile."""
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+    with create_transfer_manager(s3_client(), TransferConfig()) as manager:
+        future = manager.download(loc.bucket, loc.key, local)
+        future.result()
+        return etag_of({"ETag": future.meta.etag}) or ""

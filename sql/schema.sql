@@ -7,6 +7,9 @@ CREATE TABLE IF NOT EXISTS video_meta (
     path           text        NOT NULL,
     registered_at  timestamptz NOT NULL DEFAULT now(),
     size_bytes     bigint,
+    -- the object's identity as scrape last listed it: a change (replaced in place) re-queues the video
+    video_etag     text,
+    video_modified timestamptz,
     -- filter step: basic video info and the verdict
     num_frames     integer,
     fps            double precision,
@@ -23,5 +26,9 @@ CREATE TABLE IF NOT EXISTS video_meta (
     captioned_at   timestamptz,
     PRIMARY KEY (partition_key, path)
 ) PARTITION BY LIST (partition_key);
+
+-- tables created before the identity columns existed
+ALTER TABLE video_meta ADD COLUMN IF NOT EXISTS video_etag text;
+ALTER TABLE video_meta ADD COLUMN IF NOT EXISTS video_modified timestamptz;
 
 CREATE INDEX IF NOT EXISTS video_meta_caption_status ON video_meta (partition_key, caption_status);

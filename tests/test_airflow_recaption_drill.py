@@ -7,6 +7,10 @@ operator read that summary, found its own fingerprint, launched nothing and succ
 (which `train` would then take as current). The summary records its output's digest: try 2 sees the output is
 not the one described and finishes the replacement. The meta carries a byte-order mark, which both the
 operator's up-front check and the ranks accept.
+
+And an output whose videos were replaced (the meta's ``video_etag`` names other objects than the output's
+rows were made for, issue 25 #5) is not finished: the operator launches, the ranks caption those rows again
+and take the rest from the journal.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import json
 import pytest
 
 from testkit.drill_dag import DAG_ID, DATE, drill_conf
-from testkit.outputs import assert_all_captioned, read_output
-from testkit.partition import upload_partition
+from testkit.outputs import assert_all_captioned, read_csv_from_s3, read_output
+from testkit.partition import Row, upload_partition
 
 pytestmark = [pytest.mark.e2e, pytest.mark.msrun, pytest.mark.integration]
 
@@ -54,3 +58,40 @@ def test_a_recaption_killed_mid_publish_is_finished_by_the_retry(make_drill_env,
     assert summary["output_sha256"] == hashlib.sha256(body).hexdigest()
     [(_, _, result)] = env.task_results(DAG_ID, "caption")
     assert (result["rows"], result["captioned"], result["failed"]) == (len(rows), len(rows), 0)
+
+
+def test_an_output_whose_videos_were_replaced_is_not_finished_and_only_they_are_captioned_again(
+        make_drill_env, s3_server, s3_bucket, drill_clips):
+    from captioning_core.storage import etag_of
+
+    client = s3_server.client()
+    meta, rows = upload_partition(client, s3_bucket, "drill-replaced", drill_clips[:3])
+    output = meta.replace("meta.csv", "captions.csv")
+    meta_key = meta[len(f"s3://{s3_bucket}/"):]
+
+    def name_identities() -> None:  # the meta names each row's object, as the curation DAG's shards do
+        table, _ = read_csv_from_s3(client, meta)
+        table["video_etag"] = [etag_of(client.head_object(Bucket=s3_bucket, Key=r.path.split("/", 3)[3]))
+                               for r in rows]
+        client.put_object(Bucket=s3_bucket, Key=meta_key, Body=table.to_csv(index=False).encode())
+
+    name_identities()
+    first = make_drill_env("first").dags_test(DAG_ID, DATE, drill_conf(meta, output))
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
+    old = read_output(client, output)
+    assert_all_captioned(old, rows)
+
+    # row 1's video is replaced in place by another clip, and the meta rewritten to name it
+    local, spec, _ = drill_clips[3]
+    client.upload_file(str(local), s3_bucket, rows[1].path.split("/", 3)[3])
+    rows[1] = Row(rows[1].path, spec)
+    name_identities()
+    env = make_drill_env("second")
+    proc = env.dags_test(DAG_ID, DATE, drill_conf(meta, output))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    [(_, _, result)] = env.task_results(DAG_ID, "caption")
+    assert result["launched"] and (result["rows"], result["captioned"], result["skipped"]) == (3, 3, 2)
+    new = read_output(client, output)
+    assert_all_captioned(new, rows)
+    assert new["text"][0] == old["text"][0] and new["text"][2] == old["text"][2]
+    assert new["text"][1] != old["text"][1]

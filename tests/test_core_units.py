@@ -194,3 +194,29 @@ except AttributeError as err:
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mindnlp.diffusers is not loaded by the captioning stage" in proc.stdout
+
+
+def test_changed_rows_compares_the_metas_video_etag_with_the_outputs():
+    import gzip
+
+    from captioning_core.output_identity import changed_rows
+
+    meta = b"path,video_etag\ns3://b/a.mp4,e1\ns3://b/b.mp4,e2\ns3://b/c.mp4,\n"
+    made = b"path,video_etag,text,caption_status,caption_error\ns3://b/a.mp4,e1,x,ok,\ns3://b/b.mp4,e0,y,ok,\n" \
+           b"s3://b/c.mp4,e9,z,ok,\n"
+    assert changed_rows(meta, made) == [1]  # c names no identity: whatever the output says is fine
+    assert changed_rows(b"\xef\xbb\xbf" + meta, gzip.compress(made), "m.csv", "o.csv.gz") == [1]
+    assert changed_rows(b"path\ns3://b/a.mp4\n", made) == []  # a meta without the column names none
+    assert changed_rows(meta, b"path,video_etag\ns3://b/a.mp4,e1\n") == [0, 1, 2]  # not this meta's output
+    assert changed_rows(meta, b"path,text\ns3://b/a.mp4,x\ns3://b/b.mp4,y\ns3://b/c.mp4,z\n") == [0, 1]
+
+
+def test_journal_records_of_another_video_are_not_reused(tmp_path):
+    paths = ["a.mp4", "b.mp4", "c.mp4"]
+    writer = journal.PartWriter(str(tmp_path / "parts"), 0)
+    writer.write([RowResult(0, "a.mp4", "ok", "red", video_etag="e1"), RowResult(1, "b.mp4", "ok", "green",
+                  video_etag="e0"), RowResult(2, "c.mp4", "ok", "blue")])
+    assert sorted(journal.load(str(tmp_path / "parts"), paths)) == [0, 1, 2]  # no identities: as before
+    got = journal.load(str(tmp_path / "parts"), paths, identities=["e1", "e2", ""])
+    assert sorted(got) == [0, 2] and got[0].video_etag == "e1"
+    assert RowResult.from_json(got[0].to_json()) == got[0]

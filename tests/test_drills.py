@@ -113,7 +113,7 @@ def test_a_video_fetch_during_an_outage_waits_for_s3_to_return(s3_server, s3_buc
         fetch.start()
     fetch.join(timeout=120)
     assert not fetch.is_alive() and "got" in box, box
-    local, owned = box["got"]
+    local, owned, _ = box["got"]
     assert owned and open(local, "rb").read() == body
     assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(local)]  # no partial leftovers
 

@@ -112,6 +112,29 @@ def test_curation_dag_end_to_end_and_idempotent_rerun(curation_world):
     assert (late_row[0], late_row[2], late_row[1]) == ("kept", "ok", LATE.caption)
     assert {p: r for p, r in _table(conn).items() if p in table} == table  # no other row changed
 
+    # A captioned video is replaced in place (same key, other bytes; issue 25 #5): the rerun captions exactly
+    # that row again, in a new shard, with its new content's caption; no other row changes or is recomputed.
+    replaced = f"s3://{bucket}/incoming/{KEY}/{GOOD[0].filename}"
+    assert table[replaced][1] == GOOD[0].caption != LATE.caption
+    client.upload_file(str(ensure_clip(LATE, env.home)), bucket, replaced.split("/", 3)[3])
+    table = _table(conn)
+    fourth = env.dags_test("video_curation", KEY, conf)
+    assert fourth.returncode == 0, fourth.stdout[-6000:] + fourth.stderr[-6000:]
+    results = env.task_results("video_curation", "caption")
+    last_run = max(run_id for run_id, *_ in results)
+    launched = [r for run_id, _, r in results if run_id == last_run and r["launched"]]
+    assert [(r["rows"], r["captioned"], r["skipped"]) for r in launched] == [(1, 1, 0)]
+    after = _table(conn)
+    assert sorted(after) == sorted(table)  # no row lost or added
+    assert (after[replaced][0], after[replaced][2], after[replaced][1]) == ("kept", "ok", LATE.caption)
+    new_shard = after[replaced][4]
+    assert new_shard != table[replaced][4] and launched[0]["output"].startswith(new_shard.rsplit("/", 1)[0] + "/")
+    assert {p: r for p, r in after.items() if p != replaced} == {p: r for p, r in table.items() if p != replaced}
+    manifest = list(csv.DictReader(io.StringIO(client.get_object(Bucket=bucket, Key=manifest_key)["Body"]
+                                               .read().decode())))
+    assert [r["path"] for r in manifest] == sorted({*expected, f"s3://{bucket}/{late_key}"})
+    assert {r["path"]: r["text"] for r in manifest}[replaced] == LATE.caption
+
 
 def test_a_row_planted_outside_the_partition_fails_unread_under_the_dags_allowed_root(curation_world, s3_server):
     """Issue 25 #8 through Airflow: the metadata table gains a row of this partition that scrape never listed,
@@ -123,7 +146,8 @@ def test_a_row_planted_outside_the_partition_fails_unread_under_the_dags_allowed
     client.upload_file(str(ensure_clip(LATE, env.home)), other, "private/planted.mp4")
     planted = f"s3://{other}/private/planted.mp4"
     metadb.ensure_partition(conn, KEY)
-    metadb.run_many(conn, "register", [{"partition_key": KEY, "path": planted, "size_bytes": 1}])
+    metadb.run_many(conn, "register", [{"partition_key": KEY, "path": planted, "size_bytes": 1,
+                                        "video_etag": None, "video_modified": None}])
     conf = {"bucket": bucket, "shard_size": 100, "caption_options": TINY_CAPTION_OPTIONS}
     run = env.dags_test("video_curation", KEY, conf)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
@@ -204,7 +228,7 @@ def test_schema_applies_twice(pg_database):
         metadb.apply_schema(conn)
         metadb.ensure_partition(conn, "k'; DROP TABLE video_meta; --")
         metadb.run(conn, "register", {"partition_key": "k'; DROP TABLE video_meta; --", "path": "s3://b/x.mp4",
-                                      "size_bytes": 1})
+                                      "size_bytes": 1, "video_etag": "e", "video_modified": None})
         rows = metadb.run(conn, "select_partition", {"partition_key": "k'; DROP TABLE video_meta; --"})
         assert [r[0] for r in rows] == ["s3://b/x.mp4"]
     finally:
@@ -219,7 +243,8 @@ def test_metadb_works_with_psycopg3_connections(pg_server, pg_database):
     try:
         metadb.apply_schema(conn)
         metadb.ensure_partition(conn, "k3")
-        metadb.run_many(conn, "register", [{"partition_key": "k3", "path": f"s3://b/{i}.mp4", "size_bytes": i}
+        metadb.run_many(conn, "register", [{"partition_key": "k3", "path": f"s3://b/{i}.mp4", "size_bytes": i,
+                                            "video_etag": None, "video_modified": None}
                                            for i in range(3)])
         assert [r[0] for r in metadb.run(conn, "select_partition", {"partition_key": "k3"})] == [
             "s3://b/0.mp4", "s3://b/1.mp4", "s3://b/2.mp4"]

@@ -190,7 +190,8 @@ def test_empty_partition_publishes_an_empty_output(s3_server, s3_bucket, s3_env)
     cfg = colour_config(f"s3://{s3_bucket}/e/meta.csv")
     _run(cfg, world=2)
     out = read_output(client, cfg.output)
-    assert len(out) == 0 and list(out.columns) == ["path", "aes", "text", "caption_status", "caption_error"]
+    assert len(out) == 0 and list(out.columns) == ["path", "aes", "text", "caption_status", "caption_error",
+                                                     "video_etag"]
 
 
 def test_meta_without_path_column_fails_up_front(s3_server, s3_bucket, s3_env):
@@ -254,7 +255,8 @@ def test_s3_downloads_never_leave_the_local_cache(s3_server, s3_bucket, tmp_path
     cache.mkdir(parents=True)
     before = {p for p in tmp_path.rglob("*")}
     for key in stored:
-        local, owned = storage.fetch_to_local(f"s3://{s3_bucket}/{key}", str(cache))
+        local, owned, etag = storage.fetch_to_local(f"s3://{s3_bucket}/{key}", str(cache))
+        assert etag == storage.etag_of(client.head_object(Bucket=s3_bucket, Key=key))
         assert owned and Path(local).parent == cache and Path(local).read_bytes() == client.get_object(
             Bucket=s3_bucket, Key=key)["Body"].read()
     created = {p for p in tmp_path.rglob("*")} - before

@@ -1,7 +1,8 @@
 """What the curation DAG's tasks do, outside Airflow: plain functions over an S3 client and a DB connection.
 
-Every step is idempotent: registering a video twice changes nothing, probing skips videos already probed,
-a video keeps the meta shard it was first written to and new videos go to new shards (a shard's CSV never
+Every step is idempotent: registering a video twice changes nothing (unless its object was replaced in
+place: another ETag or size makes it a new video at an old path, probed and sharded again), probing skips
+videos already probed, a video keeps the meta shard it was first written to and new videos go to new shards (a shard's CSV never
 changes, so its finished caption output is found and reused, and a partition that grows costs caption work
 for its new videos only), captions are upserted only where something changed, and the manifest is only
 rewritten when its bytes change.
@@ -24,7 +25,7 @@ from curation import metadb
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
-META_COLUMNS = ("path", "num_frames", "fps", "height", "width")
+META_COLUMNS = ("path", "num_frames", "fps", "height", "width", "video_etag")
 MANIFEST_COLUMNS = ("path", "text", "num_frames", "fps", "height", "width")
 
 
@@ -62,14 +63,17 @@ def _s3_uri(bucket: str, key: str) -> str:
 
 
 def scrape(s3, conn, bucket: str, prefix: str, partition_key: str) -> int:
-    """Register every video under ``s3://bucket/prefix/`` into the partition; returns how many it saw."""
+    """Register every video under ``s3://bucket/prefix/`` into the partition with its identity (ETag, size,
+    LastModified); a video whose ETag or size changed since it was registered is queued to be filtered and
+    captioned again (sql/queries/register.sql). Returns how many videos it saw."""
     metadb.ensure_partition(conn, partition_key)
     rows = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
         for obj in page.get("Contents", []):
             if obj["Key"].lower().endswith(VIDEO_EXTENSIONS):
                 rows.append({"partition_key": partition_key, "path": _s3_uri(bucket, obj["Key"]),
-                             "size_bytes": obj["Size"]})
+                             "size_bytes": obj["Size"], "video_etag": storage.etag_of(obj),
+                             "video_modified": obj.get("LastModified")})
     metadb.run_many(conn, "register", rows)
     log.info("partition %s: %d videos under s3://%s/%s", partition_key, len(rows), bucket, prefix)
     return len(rows)
@@ -148,6 +152,7 @@ class PartitionRow:
     filter_reason: str | None
     meta_uri: str | None
     caption_status: str | None
+    video_etag: str | None
 
 
 _SHARD_SEQ = re.compile(r"/shard-(\d+)(?:-[0-9a-f]+)?/[^/]*$")
@@ -163,7 +168,7 @@ def _meta_csv(rows: list[PartitionRow]) -> bytes:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(META_COLUMNS)
     for r in rows:
-        writer.writerow([r.path, r.num_frames, f"{r.fps:.6g}", r.height, r.width])
+        writer.writerow([r.path, r.num_frames, f"{r.fps:.6g}", r.height, r.width, r.video_etag or ""])
     return buf.getvalue().encode("utf-8")
 
 

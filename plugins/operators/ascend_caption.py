@@ -410,7 +410,14 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         found = summary.get(fingerprint.SUMMARY_KEY)
         if found and found.get("id") == wanted["id"]:
             if output_identity.describes_digest(summary, self._output_digest(hook)):
-                return True
+                changed = self._changed_rows(hook)
+                if not changed:
+                    return True
+                # videos replaced in place since the output was made (the meta names other ETags): not
+                # finished; the ranks (--skip_if_existing) caption those rows again and reuse the rest
+                self.log.warning("%s: %d rows were made for other videos than %s names now (first: row %d): "
+                                 "captioning those again", self.output_uri, len(changed), self.meta_path, changed[0])
+                return False
             # a replacement with these settings stopped between its summary and its output: the output is
             # still the old one. Not finished; the ranks (--skip_if_existing) finish it from their journal.
             self.log.warning("%s is not the output its summary describes (a replacement with these settings "
@@ -536,6 +543,16 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
             self._hook.kill(reason=why)
         elif self._killed is not None:
             self._killed.set()
+
+    def _changed_rows(self, hook) -> list[int]:
+        """Rows of the output made for another video than the meta names now (``output_identity``)."""
+        from captioning_core.output_identity import changed_rows
+
+        def read(uri: str) -> bytes:
+            bucket, key = split_s3(uri)
+            return hook.get_key(key, bucket_name=bucket).get()["Body"].read()
+
+        return changed_rows(read(self.meta_path), read(self.output_uri), self.meta_path, self.output_uri)
 
     def _output_digest(self, hook) -> str:
         """SHA-256 of the output object, streamed."""
