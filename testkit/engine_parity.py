@@ -4,7 +4,8 @@
     python -m testkit.engine_parity mindnlp  MODEL MODEL_DIR WORKDIR   # eager mindnlp (the production eager path)
     python -m testkit.engine_parity torch    MODEL MODEL_DIR WORKDIR   # transformers on real PyTorch
 
-MODEL is ``qwen2vl`` or ``qwen2_5vl``.
+MODEL is ``qwen2vl``, ``qwen2_5vl`` or ``qwen3vl`` (whose sides also write the vision tower's DeepStack
+features, ``<case>.deepstack``).
 
 The compiled side runs the production captioner (``prepare``, ``model_inputs``, ``setup`` and ``generate`` with
 ``--engine compiled``; no mindnlp in that process) on each clip alone (cases ``bs1_<i>``) and on all of them as
@@ -26,7 +27,8 @@ EDGE_NEW = 5
 PENALTY = 1.3  # the released Qwen2-VL-Instruct configs ask for 1.05; larger, so the tiny model's loops change
 OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
 KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
-REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration"}
+REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration",
+             "qwen3vl": "Qwen3VLForConditionalGeneration"}
 
 
 def _keys(model: str) -> tuple[str, ...]:
@@ -63,7 +65,6 @@ def _config(model: str, model_dir: str, engine: str):
 
 def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) -> None:
     from captioning_core.engine.buckets import Buckets
-    from captioning_core.engine.qwen2vl import CompiledQwen2VL
     from captioning_core.models import captioner_class
 
     keys = _keys(model)
@@ -84,6 +85,8 @@ def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) ->
         _, _, logits, pmask, rows, _ = eng.prefill(arrays, STEPS, all_logits=True)
         res[f"{case}.logits"] = _real_logits(logits.asnumpy()[:rows, -n:], arrays["attention_mask"])
         res[f"{case}.vision"] = eng.vision_numpy(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+        if model == "qwen3vl":
+            res[f"{case}.deepstack"] = eng.deepstack_numpy(arrays["pixel_values_videos"], arrays["video_grid_thw"])
         pos, deltas = eng.rope_index(arrays["input_ids"], arrays["attention_mask"], arrays["video_grid_thw"],
                                      arrays.get("second_per_grid_ts"))
         res[f"{case}.positions"], res[f"{case}.deltas"] = pos, deltas
@@ -92,7 +95,7 @@ def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) ->
     arrays = {k: inputs[f"bs1_0.{k}"] for k in keys}
     n = arrays["input_ids"].shape[1]
     for name, lengths in (("at_bucket", (n,)), ("past_bucket", (n - 1, 2 * n))):
-        other = CompiledQwen2VL.from_pretrained(model_dir, buckets=Buckets(lengths=lengths))
+        other = type(eng).from_pretrained(model_dir, buckets=Buckets(lengths=lengths))
         _, _, _, pmask, _, _ = other.prefill(arrays, STEPS)
         res[f"edge.{name}.length"] = np.int64(pmask.shape[1])
         res[f"edge.{name}.forced"] = _padded(other.generate(arrays, STEPS, eos_ids=stop, min_new_tokens=STEPS))
@@ -131,6 +134,10 @@ def run_eager(backend: str, model: str, model_dir: str, workdir: Path) -> None:
         from captioning_core import runtime
 
         runtime.import_mindnlp()
+        if model == "qwen3vl":
+            from captioning_core.models.qwen3_vl import install_mindnlp_workarounds
+
+            install_mindnlp_workarounds()
     elif "mindnlp" in sys.modules:
         raise RuntimeError("the reference side must run on real PyTorch, without mindnlp")
     import torch
@@ -153,8 +160,11 @@ def run_eager(backend: str, model: str, model_dir: str, workdir: Path) -> None:
             free = to_numpy(model.generate(**kw, max_new_tokens=STEPS, do_sample=False))[:, n:]
             res[f"{case}.free"] = _padded([_trim(r, stop) for r in free])
             res[f"{case}.logits"] = _real_logits(to_numpy(model(**kw).logits), arrays["attention_mask"])
-            res[f"{case}.vision"] = to_numpy(model.model.visual(kw["pixel_values_videos"],
-                                                                grid_thw=kw["video_grid_thw"])).astype(np.float32)
+            vis = model.model.visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+            if name == "qwen3vl":  # (merged, DeepStack features per deepstack_visual_indexes)
+                vis, stack = vis
+                res[f"{case}.deepstack"] = np.stack([to_numpy(s) for s in stack]).astype(np.float32)
+            res[f"{case}.vision"] = to_numpy(vis).astype(np.float32)
             if backend == "torch":
                 if name == "qwen2_5vl":
                     pos, deltas = model.model.get_rope_index(kw["input_ids"], None, kw["video_grid_thw"],
