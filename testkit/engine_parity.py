@@ -17,6 +17,8 @@ tokens; the compiled and torch sides also the M-RoPE position ids and deltas, an
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +31,36 @@ OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_vid
 KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
 REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration",
              "qwen3vl": "Qwen3VLForConditionalGeneration"}
+
+REPO = Path(__file__).resolve().parents[1]
+BOUND = 1e-4  # fp32, max absolute difference the parity tests allow
+CASES = [f"bs1_{i}" for i in range(8)] + ["batch"]
+
+
+def run_sides(backends: list[str], model: str, workdir: Path, clips: list[Path] = ()) -> None:
+    """Run each backend's side in its own process, side by side (one thread each), and wait for all
+    (what the parity tests call; an AssertionError names each side that failed, with its output's tail)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")]), "OMP_NUM_THREADS": "1"}
+    procs = {backend: subprocess.Popen([sys.executable, "-m", "testkit.engine_parity", backend, model,
+                                        str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for backend in backends}
+    failed = []
+    for backend, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=1500)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"{backend} side failed:\n{out[-3000:]}\n{err[-3000:]}")
+    assert not failed, "\n".join(failed)
+
+
+def tokens_differ(a: np.ndarray, b: np.ndarray) -> list[int]:
+    """The rows where two [B, T] token arrays differ."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return [i for i in range(len(a)) if not (a[i] == b[i]).all()]
 
 
 def _keys(model: str) -> tuple[str, ...]:

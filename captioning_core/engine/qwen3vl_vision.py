@@ -155,14 +155,15 @@ def position_interpolation(grid_thw: np.ndarray, side: int, merge: int) -> tuple
                hc[:, None] * side + wf[None], hc[:, None] * side + wc[None]]
         wts = [(one - dh)[:, None] * (one - dw)[None], (one - dh)[:, None] * dw[None],
                dh[:, None] * (one - dw)[None], dh[:, None] * dw[None]]
-
-        def grouped(a: np.ndarray) -> np.ndarray:
-            a = a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).ravel()
-            return np.tile(a, t)
-
-        idx_out.append(np.stack([grouped(a) for a in idx]))
-        w_out.append(np.stack([grouped(a.astype(np.float32)) for a in wts]))
+        idx_out.append(np.stack([_merge_grouped(a, t, merge) for a in idx]))
+        w_out.append(np.stack([_merge_grouped(a.astype(np.float32), t, merge) for a in wts]))
     return np.concatenate(idx_out, 1).astype(np.int32), np.concatenate(w_out, 1).astype(np.float32)
+
+
+def _merge_grouped(a: np.ndarray, t: int, merge: int) -> np.ndarray:
+    """A raster [h, w] per-patch array in the preprocessing's patch order (2x2 merge units), for t frames."""
+    h, w = a.shape
+    return np.tile(a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).ravel(), t)
 
 
 def pack(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig, groups: int, size: int):
