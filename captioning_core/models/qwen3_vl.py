@@ -13,6 +13,7 @@ What differs from Qwen2-VL, and so lives here (everything else is ``qwen2_vl``'s
 - mindnlp 0.5.1 cannot run two of transformers' Qwen3-VL functions (``apply_interleaved_mrope`` on configs
   whose M-RoPE slices run past the last frequency, and ``_deepstack_process`` always): the captioner installs
   equivalent formulations (``interleaved_mrope``, ``deepstack_process``) before it loads the model.
+  ``--engine compiled`` (``captioning_core.engine.qwen3vl``) runs neither mindnlp nor these functions.
 """
 
 from __future__ import annotations
