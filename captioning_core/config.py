@@ -50,11 +50,12 @@ class RunConfig:
     dtype: str | None = option(None, role=DTYPE, choices=DTYPES,
                                help="weights dtype (default float16 on Ascend, float32 on CPU)")
     # speed-only: the compiled engine's greedy tokens equal eager mindnlp's and PyTorch's on every parity case
-    # (tests/test_engine_qwen2vl.py) and the caption script's captions are equal (tests/test_engine_cli.py)
+    # (tests/test_engine_qwen2vl.py, tests/test_engine_qwen3vl.py) and the caption script's captions are equal
+    # (tests/test_engine_cli.py)
     engine: str = option("eager", role=SPEED, choices=ENGINES, model_default="default_engine",
                          help="how the model runs: 'eager' (mindnlp on MindSpore PyNative, the reference) or "
-                              "'compiled' (MindSpore graphs, captioning_core.engine: Qwen2-VL and Qwen2.5-VL "
-                              "only; refused for a model without one). Speed-only: both give the same greedy "
+                              "'compiled' (MindSpore graphs, captioning_core.engine: Qwen2-VL, Qwen2.5-VL "
+                              "and Qwen3-VL; refused for a model without one). Speed-only: both give the same greedy "
                               "tokens")
     gather: str = option("none", role=SPEED, choices=GATHER_MODES,
                          help="'allgather' keeps the seed's path: token ids AllGathered, rank 0 writes")

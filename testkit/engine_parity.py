@@ -4,7 +4,8 @@
     python -m testkit.engine_parity mindnlp  MODEL MODEL_DIR WORKDIR   # eager mindnlp (the production eager path)
     python -m testkit.engine_parity torch    MODEL MODEL_DIR WORKDIR   # transformers on real PyTorch
 
-MODEL is ``qwen2vl`` or ``qwen2_5vl``.
+MODEL is ``qwen2vl``, ``qwen2_5vl`` or ``qwen3vl`` (whose sides also write the vision tower's DeepStack
+features, ``<case>.deepstack``).
 
 The compiled side runs the production captioner (``prepare``, ``model_inputs``, ``setup`` and ``generate`` with
 ``--engine compiled``; no mindnlp in that process) on each clip alone (cases ``bs1_<i>``) and on all of them as
@@ -16,6 +17,8 @@ tokens; the compiled and torch sides also the M-RoPE position ids and deltas, an
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +29,38 @@ EDGE_NEW = 5
 PENALTY = 1.3  # the released Qwen2-VL-Instruct configs ask for 1.05; larger, so the tiny model's loops change
 OPTIONS = {"height": 112, "width": 112, "fps": 2.0, "min_pixels": 3136, "max_video_tokens": None}
 KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
-REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration"}
+REFERENCE = {"qwen2vl": "Qwen2VLForConditionalGeneration", "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration",
+             "qwen3vl": "Qwen3VLForConditionalGeneration"}
+
+REPO = Path(__file__).resolve().parents[1]
+BOUND = 1e-4  # fp32, max absolute difference the parity tests allow
+CASES = [f"bs1_{i}" for i in range(8)] + ["batch"]
+
+
+def run_sides(backends: list[str], model: str, workdir: Path, clips: list[Path] = ()) -> None:
+    """Run each backend's side in its own process, side by side (one thread each), and wait for all
+    (what the parity tests call; an AssertionError names each side that failed, with its output's tail)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")]), "OMP_NUM_THREADS": "1"}
+    procs = {backend: subprocess.Popen([sys.executable, "-m", "testkit.engine_parity", backend, model,
+                                        str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for backend in backends}
+    failed = []
+    for backend, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=1500)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"{backend} side failed:\n{out[-3000:]}\n{err[-3000:]}")
+    assert not failed, "\n".join(failed)
+
+
+def tokens_differ(a: np.ndarray, b: np.ndarray) -> list[int]:
+    """The rows where two [B, T] token arrays differ."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return [i for i in range(len(a)) if not (a[i] == b[i]).all()]
 
 
 def _keys(model: str) -> tuple[str, ...]:
@@ -63,7 +97,6 @@ def _config(model: str, model_dir: str, engine: str):
 
 def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) -> None:
     from captioning_core.engine.buckets import Buckets
-    from captioning_core.engine.qwen2vl import CompiledQwen2VL
     from captioning_core.models import captioner_class
 
     keys = _keys(model)
@@ -84,6 +117,8 @@ def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) ->
         _, _, logits, pmask, rows, _ = eng.prefill(arrays, STEPS, all_logits=True)
         res[f"{case}.logits"] = _real_logits(logits.asnumpy()[:rows, -n:], arrays["attention_mask"])
         res[f"{case}.vision"] = eng.vision_numpy(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+        if model == "qwen3vl":
+            res[f"{case}.deepstack"] = eng.deepstack_numpy(arrays["pixel_values_videos"], arrays["video_grid_thw"])
         pos, deltas = eng.rope_index(arrays["input_ids"], arrays["attention_mask"], arrays["video_grid_thw"],
                                      arrays.get("second_per_grid_ts"))
         res[f"{case}.positions"], res[f"{case}.deltas"] = pos, deltas
@@ -92,7 +127,7 @@ def run_compiled(model: str, model_dir: str, workdir: Path, clips: list[str]) ->
     arrays = {k: inputs[f"bs1_0.{k}"] for k in keys}
     n = arrays["input_ids"].shape[1]
     for name, lengths in (("at_bucket", (n,)), ("past_bucket", (n - 1, 2 * n))):
-        other = CompiledQwen2VL.from_pretrained(model_dir, buckets=Buckets(lengths=lengths))
+        other = type(eng).from_pretrained(model_dir, buckets=Buckets(lengths=lengths))
         _, _, _, pmask, _, _ = other.prefill(arrays, STEPS)
         res[f"edge.{name}.length"] = np.int64(pmask.shape[1])
         res[f"edge.{name}.forced"] = _padded(other.generate(arrays, STEPS, eos_ids=stop, min_new_tokens=STEPS))
@@ -131,6 +166,10 @@ def run_eager(backend: str, model: str, model_dir: str, workdir: Path) -> None:
         from captioning_core import runtime
 
         runtime.import_mindnlp()
+        if model == "qwen3vl":
+            from captioning_core.models.qwen3_vl import install_mindnlp_workarounds
+
+            install_mindnlp_workarounds()
     elif "mindnlp" in sys.modules:
         raise RuntimeError("the reference side must run on real PyTorch, without mindnlp")
     import torch
@@ -153,8 +192,11 @@ def run_eager(backend: str, model: str, model_dir: str, workdir: Path) -> None:
             free = to_numpy(model.generate(**kw, max_new_tokens=STEPS, do_sample=False))[:, n:]
             res[f"{case}.free"] = _padded([_trim(r, stop) for r in free])
             res[f"{case}.logits"] = _real_logits(to_numpy(model(**kw).logits), arrays["attention_mask"])
-            res[f"{case}.vision"] = to_numpy(model.model.visual(kw["pixel_values_videos"],
-                                                                grid_thw=kw["video_grid_thw"])).astype(np.float32)
+            vis = model.model.visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+            if name == "qwen3vl":  # (merged, DeepStack features per deepstack_visual_indexes)
+                vis, stack = vis
+                res[f"{case}.deepstack"] = np.stack([to_numpy(s) for s in stack]).astype(np.float32)
+            res[f"{case}.vision"] = to_numpy(vis).astype(np.float32)
             if backend == "torch":
                 if name == "qwen2_5vl":
                     pos, deltas = model.model.get_rope_index(kw["input_ids"], None, kw["video_grid_thw"],

@@ -10,53 +10,23 @@ equal on every row. The 1e-4 bound leaves room for other CPUs' kernels, not for 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from testkit.engine_parity import BOUND, CASES, run_sides, tokens_differ
+
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
-REPO = Path(__file__).resolve().parents[1]
-BOUND = 1e-4  # fp32, max absolute difference
-CASES = [f"bs1_{i}" for i in range(8)] + ["batch"]
-
-
-def _sides(backends: list[str], model: str, workdir: Path, clips: list[Path] = ()) -> None:
-    """Run each backend's side in its own process, side by side (one thread each), and wait for all."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")]), "OMP_NUM_THREADS": "1"}
-    procs = {backend: subprocess.Popen([sys.executable, "-m", "testkit.engine_parity", backend, model,
-                                        str(REPO / "tiny_models" / model), str(workdir), *map(str, clips)],
-                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for backend in backends}
-    failed = []
-    for backend, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=1500)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        if proc.returncode != 0:
-            failed.append(f"{backend} side failed:\n{out[-3000:]}\n{err[-3000:]}")
-    assert not failed, "\n".join(failed)
 
 
 @pytest.fixture(scope="module", params=["qwen2vl", "qwen2_5vl"])
 def sides(request, standard_clips, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     model = request.param
     workdir = tmp_path_factory.mktemp(f"engine_parity_{model}")
-    _sides(["compiled"], model, workdir, [path for path, _ in standard_clips])  # writes the shared inputs
-    _sides(["torch", "mindnlp"], model, workdir)
+    run_sides(["compiled"], model, workdir, [path for path, _ in standard_clips])  # writes the shared inputs
+    run_sides(["torch", "mindnlp"], model, workdir)
     return {name: dict(np.load(workdir / f"{name}.npz", allow_pickle=True))
             for name in ("compiled", "torch", "mindnlp")}
-
-
-def _tokens_differ(a: np.ndarray, b: np.ndarray) -> list[int]:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return [i for i in range(len(a)) if not (a[i] == b[i]).all()]
 
 
 @pytest.mark.parametrize("ref", ["torch", "mindnlp"])
@@ -65,7 +35,7 @@ def test_every_greedy_token_equals_the_eager_engines(sides, ref):
     assert mine["batch.forced"].shape == (8, 32)
     for case in CASES:
         for kind in ("forced", "free"):  # forced: 32 steps with EOS suppressed; free: as the captioner trims
-            bad = _tokens_differ(mine[f"{case}.{kind}"], theirs[f"{case}.{kind}"])
+            bad = tokens_differ(mine[f"{case}.{kind}"], theirs[f"{case}.{kind}"])
             assert not bad, f"{case} {kind}: rows {bad} differ from {ref}"
     lengths = sides["torch"]["batch.deltas"]  # the batch really is left-padded to different lengths
     assert len(set(np.asarray(lengths).tolist())) > 1

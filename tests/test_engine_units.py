@@ -1,10 +1,12 @@
 """Host-side pieces of the compiled engine: the safetensors reader (single file, sharded index, bfloat16, both
-checkpoint name layouts), shape buckets, the vision grid packing and the device choice."""
+checkpoint name layouts), shape buckets, the vision grid packing, Qwen3-VL's interleaved M-RoPE axes and split
+video grids, and the device choice."""
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from captioning_core.engine import buckets, device
 from captioning_core.engine.checkpoint import Checkpoint, Loader
 from captioning_core.engine.qwen2vl_vision import pack
-from captioning_core.engine.rope import frame_segments, vision_positions
+from captioning_core.engine.rope import frame_segments, interleaved_axes, split_video_grids, vision_positions
 
 TINY = Path(__file__).resolve().parents[1] / "tiny_models" / "qwen2vl"
 
@@ -98,3 +100,25 @@ def test_device_choice_cpu_is_validated():
         device.DeviceChoice(dtype="int8")
     with pytest.raises(ValueError, match="not implemented"):
         device.DeviceChoice(attention="flash")
+
+
+@pytest.mark.parametrize("section, frequencies", [([24, 20, 20], 64), ([2, 3, 3], 8), ([16, 24, 24], 64)])
+def test_interleaved_axes_are_transformers_qwen3_vl_choice(section, frequencies):
+    """Per frequency, the axis transformers' ``apply_interleaved_mrope`` takes (real PyTorch: it clamps a slice
+    stop past the last frequency, as the tiny model's [2, 3, 3] needs)."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "__version__") or "mindnlp" in sys.modules:
+        pytest.skip("needs real PyTorch")
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    freqs = torch.arange(3, dtype=torch.float32).reshape(3, 1, 1, 1).expand(3, 1, 1, frequencies).clone()
+    chosen = Qwen3VLTextRotaryEmbedding.apply_interleaved_mrope(None, freqs, section)
+    axes = interleaved_axes(section, frequencies)
+    assert chosen.reshape(-1).long().tolist() == axes.tolist()
+    assert set(axes.tolist()) == {0, 1, 2}
+
+
+def test_split_video_grids_gives_one_grid_per_temporal_group():
+    grids = split_video_grids(np.array([[3, 4, 6], [1, 2, 2]]))
+    assert grids.tolist() == [[1, 4, 6]] * 3 + [[1, 2, 2]]
+    assert split_video_grids(None) is None

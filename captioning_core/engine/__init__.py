@@ -7,6 +7,8 @@ bucket, with a static KV cache updated in place. Host work (M-RoPE positions, ma
 loop's stop bookkeeping) stays in numpy.
 
 Modules: ``device`` (jit level, dtype, attention-op choice), ``checkpoint`` (safetensors straight into
-Parameters), ``rope`` (host position ids), ``qwen2vl_vision`` / ``qwen2vl_text`` (the cells),
-``qwen2vl`` (the engine: buckets, sessions, greedy loop, and the captioner-facing ``generate``).
+Parameters), ``rope`` (host position ids), ``qwen2vl_vision`` / ``qwen2_5vl_vision`` / ``qwen2vl_text`` (the
+cells), ``qwen2vl`` (the engine: buckets, sessions, greedy loop, and the captioner-facing ``generate``);
+Qwen3-VL: ``qwen3vl_text`` / ``qwen3vl_vision`` (its cells, subclassing or reusing Qwen2-VL's) and ``qwen3vl``
+(``CompiledQwen3VL``, the same engine with Qwen3-VL's hooks).
 """

@@ -39,38 +39,31 @@ class EngineStats:
 
 
 class CompiledQwen2VL:
-    """Qwen2-VL as compiled MindSpore graphs. Not thread-safe (one generate at a time, as the runner calls it)."""
+    """Qwen2-VL as compiled MindSpore graphs. Not thread-safe (one generate at a time, as the runner calls it).
 
+    A model family differs in ``_load`` (config, weights, tower), ``_cells`` (the text cells), ``_angles``,
+    ``rope_index`` and ``_vision_inputs``; buckets, sessions and the greedy loop are this class's
+    (``qwen3vl.CompiledQwen3VL`` overrides those five)."""
+
+    #: the config.json ``model_type`` values this class runs
+    model_types: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
     #: sessions (static KV caches with their two graphs) kept alive; the least recently used is dropped
     max_sessions = 4
 
     def __init__(self, model_dir: str, choice: device.DeviceChoice | None = None,
                  buckets: Buckets | None = None) -> None:
-        from captioning_core.engine import qwen2_5vl_vision, qwen2vl_vision
-        from captioning_core.engine.qwen2vl_text import TextConfig, TextWeights
-
         self.choice = choice or device.choose()
         device.activate(self.choice)
         self.buckets = buckets or Buckets()
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
             raw = json.load(fh)
-        text_raw = raw.get("text_config") or raw  # a legacy config keeps the text keys at the top level
-        self.text_cfg = TextConfig(text_raw, bool(raw.get("tie_word_embeddings", False)))
-        self.model_type = raw.get("model_type", "qwen2_vl")
-        if self.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"{model_dir}: model_type {self.model_type!r}; the engine runs qwen2_vl and qwen2_5_vl")
-        self.windowed = self.model_type == "qwen2_5_vl"
-        vision = qwen2_5vl_vision if self.windowed else qwen2vl_vision
-        self.vision_cfg = vision.VisionConfig(raw["vision_config"])
-        self.tokens = rope.VisionTokens(int(raw.get("vision_start_token_id", 151652)),
-                                        int(raw.get("image_token_id", 151655)),
-                                        int(raw.get("video_token_id", 151656)), self.vision_cfg.merge)
+        self.model_type = raw.get("model_type", self.model_types[0])
+        if self.model_type not in self.model_types:
+            raise ValueError(f"{model_dir}: model_type {self.model_type!r}; {type(self).__name__} runs "
+                             f"{', '.join(self.model_types)}")
         self.eos_ids, self.repetition_penalty = generation_settings(model_dir, raw)
         started = time.perf_counter()
-        load = Loader(Checkpoint(model_dir), self.choice.dtype)
-        self.weights = TextWeights(load, self.text_cfg)
-        self.vision = (vision.VisionTower(self.vision_cfg, load) if self.windowed
-                       else vision.VisionTower(load.ck, self.vision_cfg, load))
+        self._load(raw, Loader(Checkpoint(model_dir), self.choice.dtype))
         self.load_seconds = time.perf_counter() - started
         self._vision_fn = device.compile_cell(self.vision, self.choice)
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
@@ -81,6 +74,33 @@ class CompiledQwen2VL:
     def from_pretrained(cls, model_dir: str, dtype: str = "float32", target: str = "CPU",
                         buckets: Buckets | None = None) -> CompiledQwen2VL:
         return cls(model_dir, device.choose(target, dtype), buckets)
+
+    def _load(self, raw: dict, load: Loader) -> None:
+        """Config, text weights and vision tower of the checkpoint."""
+        from captioning_core.engine import qwen2_5vl_vision, qwen2vl_vision
+        from captioning_core.engine.qwen2vl_text import TextConfig, TextWeights
+
+        text_raw = raw.get("text_config") or raw  # a legacy config keeps the text keys at the top level
+        self.text_cfg = TextConfig(text_raw, bool(raw.get("tie_word_embeddings", False)))
+        self.windowed = self.model_type == "qwen2_5_vl"
+        vision = qwen2_5vl_vision if self.windowed else qwen2vl_vision
+        self.vision_cfg = vision.VisionConfig(raw["vision_config"])
+        self.tokens = rope.VisionTokens(int(raw.get("vision_start_token_id", 151652)),
+                                        int(raw.get("image_token_id", 151655)),
+                                        int(raw.get("video_token_id", 151656)), self.vision_cfg.merge)
+        self.weights = TextWeights(load, self.text_cfg)
+        self.vision = (vision.VisionTower(self.vision_cfg, load) if self.windowed
+                       else vision.VisionTower(load.ck, self.vision_cfg, load))
+
+    def _cells(self) -> tuple[type, type, type]:
+        """The (Layer, Prefill, Step) cell classes of the text decoder."""
+        from captioning_core.engine import qwen2vl_text
+
+        return qwen2vl_text.Layer, qwen2vl_text.Prefill, qwen2vl_text.Step
+
+    def _angles(self, positions: np.ndarray) -> np.ndarray:
+        """[3, B, L] M-RoPE ids -> [B, L, head_dim/2] rotary angles (Qwen2-VL: one contiguous section per axis)."""
+        return rope.section_positions(positions, self.text_cfg.mrope_section) * self.text_cfg.inv_freq()
 
     # ------------------------------------------------------------------------------------------- pieces
     def _timed(self, key: tuple, fn, *args):
@@ -160,6 +180,30 @@ class CompiledQwen2VL:
             bias[list(eos_ids)] = -np.inf
         return bias
 
+    def _place_vision(self, arrays: dict, pids: np.ndarray):
+        """(the tower's output or None without video, vision_rows [B, L] int32, is_video [B, L] bool): which
+        row of the tower's output each video token of the padded prompts takes."""
+        grid = arrays.get("video_grid_thw")
+        is_video = pids == self.tokens.video
+        vision_rows = np.zeros(pids.shape, np.int32)
+        if grid is None or not len(grid):
+            return None, vision_rows, is_video
+        out, merged_rows = self.vision_features(arrays["pixel_values_videos"], grid)
+        if int(is_video.sum()) != len(merged_rows):
+            raise ValueError(f"{int(is_video.sum())} video tokens in the prompts but {len(merged_rows)} "
+                             "merged video patches")
+        vision_rows[is_video] = merged_rows
+        return out, vision_rows, is_video
+
+    def _vision_inputs(self, arrays: dict, pids: np.ndarray) -> tuple:
+        """The prefill graph's vision arguments: (vision [Nv, D], vision_rows, is_video)."""
+        from mindspore import Tensor
+
+        vis, vision_rows, is_video = self._place_vision(arrays, pids)
+        if vis is None:
+            vis = Tensor(np.zeros((1, self.text_cfg.hidden), np.float32))
+        return vis, Tensor(vision_rows), Tensor(is_video)
+
     # ------------------------------------------------------------------------------------------- generate
     def prefill(self, arrays: dict, max_new_tokens: int, all_logits: bool = False,
                 suppress_ids: set[int] | frozenset = frozenset()):
@@ -167,23 +211,13 @@ class CompiledQwen2VL:
         from mindspore import Tensor
 
         pids, pmask, slots, bucket, rows = self._prepare(arrays, max_new_tokens)
-        grid = arrays.get("video_grid_thw")
-        positions, deltas = self.rope_index(pids, pmask, grid, arrays.get("second_per_grid_ts"))
-        angles = rope.section_positions(positions, self.text_cfg.mrope_section) * self.text_cfg.inv_freq()
-        is_video = pids == self.tokens.video
-        vision_rows = np.zeros(pids.shape, np.int32)
-        if grid is not None and len(grid):
-            vis, merged_rows = self.vision_features(arrays["pixel_values_videos"], grid)
-            if int(is_video.sum()) != len(merged_rows):
-                raise ValueError(f"{int(is_video.sum())} video tokens in the prompts but {len(merged_rows)} "
-                                 "merged video patches")
-            vision_rows[is_video] = merged_rows
-        else:
-            vis = Tensor(np.zeros((1, self.text_cfg.hidden), np.float32))
+        positions, deltas = self.rope_index(pids, pmask, arrays.get("video_grid_thw"),
+                                            arrays.get("second_per_grid_ts"))
+        angles = self._angles(positions)
+        vision_args = self._vision_inputs(arrays, pids)
         session = self._session(slots, bucket, bucket + max_new_tokens)
-        tok, logits = session.run_prefill(all_logits, Tensor(pids.astype(np.int32)), vis, Tensor(vision_rows),
-                                          Tensor(is_video), Tensor(angles.astype(np.float32)),
-                                          Tensor(pmask.astype(np.float32)),
+        tok, logits = session.run_prefill(all_logits, Tensor(pids.astype(np.int32)), *vision_args,
+                                          Tensor(angles.astype(np.float32)), Tensor(pmask.astype(np.float32)),
                                           Tensor(self._bias(suppress_ids, True)))
         return session, tok, logits, pmask, rows, deltas
 
@@ -280,8 +314,7 @@ class _Session:
     def __init__(self, engine: CompiledQwen2VL, slots: int, length: int, max_len: int) -> None:
         from mindspore import nn
 
-        from captioning_core.engine.qwen2vl_text import Layer, Prefill, Step
-
+        Layer, Prefill, Step = engine._cells()  # noqa: N806
         cfg, w = engine.text_cfg, engine.weights
         dtype = device.ms_dtype(engine.choice.dtype)
         self.engine, self.key = engine, (slots, length, max_len)

@@ -22,6 +22,7 @@ class TextConfig:
     def __init__(self, raw: dict, tie_word_embeddings: bool = False) -> None:
         self.hidden = int(raw["hidden_size"])
         self.heads = int(raw["num_attention_heads"])
+        self._head_dim = int(raw.get("head_dim") or self.hidden // self.heads)
         self.kv_heads = int(raw.get("num_key_value_heads") or self.heads)
         self.intermediate = int(raw["intermediate_size"])
         self.vocab = int(raw["vocab_size"])
@@ -39,7 +40,7 @@ class TextConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self._head_dim
 
     def inv_freq(self) -> np.ndarray:
         hd = self.head_dim
@@ -86,37 +87,47 @@ class Layer(nn.Cell):
         gu = layers.linear(layers.rms_norm(x, self.ln2, self.eps), self.wgu)
         return x + layers.linear(ops.silu(gu[..., :self.inter]) * gu[..., self.inter:], self.wd)
 
+    def _project(self, x):
+        """q [..., h, hd], k and v [..., kv, hd] of x [..., D] (``...``: [B, L] in prefill, [B] in decode)."""
+        h, kv, hd = self.h, self.kv, self.hd
+        lead = x.shape[:-1]
+        qkv = layers.linear(layers.rms_norm(x, self.ln1, self.eps), self.wqkv, self.bqkv)
+        q = qkv[..., :h * hd].reshape(lead + (h, hd))
+        k = qkv[..., h * hd:(h + kv) * hd].reshape(lead + (kv, hd))
+        v = qkv[..., (h + kv) * hd:].reshape(lead + (kv, hd))
+        return q, k, v
+
+    def _attn_out(self, a):
+        return layers.linear(a, self.wo)
+
     def prefill(self, x, cos, sin, madd, tail):
         """x [B, L, D]; cos/sin [B, 1, L, hd]; madd [B, 1, 1, L, L]; tail: zeros [B, kv, max_len - L, hd]."""
         b, n = x.shape[0], x.shape[1]
         h, kv, hd = self.h, self.kv, self.hd
-        qkv = layers.linear(layers.rms_norm(x, self.ln1, self.eps), self.wqkv, self.bqkv)
-        q = qkv[..., :h * hd].reshape(b, n, h, hd).transpose(0, 2, 1, 3)
-        k = qkv[..., h * hd:(h + kv) * hd].reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
-        v = qkv[..., (h + kv) * hd:].reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
-        q = layers.rope(q, cos, sin)
-        k = layers.rope(k, cos, sin)
+        q, k, v = self._project(x)
+        q = layers.rope(q.transpose(0, 2, 1, 3), cos, sin)
+        k = layers.rope(k.transpose(0, 2, 1, 3), cos, sin)
+        v = v.transpose(0, 2, 1, 3)
         ops.assign(self.kc, ops.cat((k, tail), 2))
         ops.assign(self.vc, ops.cat((v, tail), 2))
         qg = q.reshape(b, kv, self.g * n, hd)  # query heads h = kv_head * g + j, as transformers' repeat_kv
         s = (self.bmm_t(qg, k) * self.scale).reshape(b, kv, self.g, n, n) + madd
         a = self.bmm(layers.softmax(s, x.dtype).reshape(b, kv, self.g * n, n), v)
         a = a.reshape(b, h, n, hd).transpose(0, 2, 1, 3).reshape(b, n, h * hd)
-        return self._mlp(x + layers.linear(a, self.wo))
+        return self._mlp(x + self._attn_out(a))
 
     def step(self, x, cos, sin, madd, idx):
         """x [B, D]; cos/sin [B, 1, hd]; madd [B, 1, 1, max_len]; idx [B, kv, 3] (row, kv head, slot t)."""
         b = x.shape[0]
         h, kv, hd = self.h, self.kv, self.hd
-        qkv = layers.linear(layers.rms_norm(x, self.ln1, self.eps), self.wqkv, self.bqkv)
-        q = layers.rope(qkv[:, :h * hd].reshape(b, h, hd), cos, sin)
-        k = layers.rope(qkv[:, h * hd:(h + kv) * hd].reshape(b, kv, hd), cos, sin)
-        v = qkv[:, (h + kv) * hd:].reshape(b, kv, hd)
+        q, k, v = self._project(x)
+        q = layers.rope(q, cos, sin)
+        k = layers.rope(k, cos, sin)
         kc = ops.scatter_nd_update(self.kc, idx, k)
         vc = ops.scatter_nd_update(self.vc, idx, v)
         s = self.bmm_t(q.reshape(b, kv, self.g, hd), kc) * self.scale + madd  # [B, kv, g, max_len]
         a = self.bmm(layers.softmax(s, x.dtype), vc).reshape(b, h * hd)
-        return self._mlp(x + layers.linear(a, self.wo))
+        return self._mlp(x + self._attn_out(a))
 
 
 def _head(cell, x):
@@ -139,16 +150,27 @@ class Prefill(nn.Cell):
         self.neg = Tensor(np.float32(np.finfo(np.float32).min))
 
     def construct(self, ids, vision, vision_rows, is_video, angles, key_valid, eos_bias):
+        x, _ = self._embed(ids, vision, vision_rows, is_video)
+        cos, sin, madd = self._rope_mask(x, angles, key_valid)
+        for layer in self.layers:
+            x = layer.prefill(x, cos, sin, madd, self.tail)
+        return self._finish(x, eos_bias)
+
+    def _embed(self, ids, vision, vision_rows, is_video):
+        """Token embeddings with each video token's row of ``vision`` in place, and the [B, L, D] video mask."""
         b, n = ids.shape
         x = ops.gather(self.embed, ids, 0)
-        vis = ops.gather(vision.astype(x.dtype), vision_rows, 0)
-        x = ops.select(is_video.reshape(b, n, 1).broadcast_to(x.shape), vis, x)
+        sel = is_video.reshape(b, n, 1).broadcast_to(x.shape)
+        return ops.select(sel, ops.gather(vision.astype(x.dtype), vision_rows, 0), x), sel
+
+    def _rope_mask(self, x, angles, key_valid):
+        b, n = x.shape[0], x.shape[1]
         emb = ops.cat((angles, angles), -1).reshape(b, 1, n, -1)
         cos, sin = ops.cos(emb).astype(x.dtype), ops.sin(emb).astype(x.dtype)
         allowed = self.causal * key_valid.reshape(b, 1, 1, 1, n)
-        madd = ((1 - allowed) * self.neg).astype(x.dtype)
-        for layer in self.layers:
-            x = layer.prefill(x, cos, sin, madd, self.tail)
+        return cos, sin, ((1 - allowed) * self.neg).astype(x.dtype)
+
+    def _finish(self, x, eos_bias):
         if self.all_logits:
             logits = _head(self, x)
             last = logits[:, -1]

@@ -73,7 +73,33 @@ def section_positions(positions: np.ndarray, mrope_section: list[int]) -> np.nda
     (temporal, height, width) whose section it falls in. Multiplying by the inverse frequencies then gives the
     M-RoPE angles directly, the same products transformers takes from its three full rotary tables."""
     axis = np.concatenate([np.full(n, i, np.int64) for i, n in enumerate(mrope_section)])
+    return axis_positions(positions, axis)
+
+
+def interleaved_axes(mrope_section: list[int], frequencies: int) -> np.ndarray:
+    """Qwen3-VL's interleaved M-RoPE: per rotary frequency, its axis (0 T, 1 H, 2 W). As transformers'
+    ``apply_interleaved_mrope``: frequency ``j`` is H if ``j % 3 == 1`` and ``j < 3 * section[1]``, W if
+    ``j % 3 == 2`` and ``j < 3 * section[2]``, else T (a stop past the last frequency is clamped)."""
+    axis = np.zeros(frequencies, np.int64)
+    for dim, offset in ((1, 1), (2, 2)):
+        axis[offset:min(3 * mrope_section[dim], frequencies):3] = dim
+    return axis
+
+
+def axis_positions(positions: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """``[3, B, L]`` ids -> ``[B, L, len(axis)]`` float32: for frequency ``j`` the ids of axis ``axis[j]``."""
     return np.ascontiguousarray(positions[axis].transpose(1, 2, 0)).astype(np.float32)
+
+
+def split_video_grids(video_grid_thw: np.ndarray | None) -> np.ndarray | None:
+    """Qwen3-VL writes each temporal group of a video as its own timestamped ``<|vision_start|>`` run, so its
+    ``get_rope_index`` takes every (t, h, w) as t grids (1, h, w), in order."""
+    if video_grid_thw is None:
+        return None
+    grid = np.asarray(video_grid_thw).reshape(-1, 3)
+    out = np.repeat(grid, grid[:, 0], axis=0)
+    out[:, 0] = 1
+    return out
 
 
 def vision_positions(grid_thw: np.ndarray, merge_size: int) -> np.ndarray:

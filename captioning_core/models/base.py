@@ -56,7 +56,7 @@ class Captioner(ABC):
         """Refuse an engine this captioner does not have, rather than run another one in its place."""
         if engine not in cls.engines:
             raise ValueError(f"--engine {engine}: {cls.name} has no {engine} engine (it runs "
-                             f"{', '.join(cls.engines)}); the compiled engine exists for qwen2vl and qwen2_5vl")
+                             f"{', '.join(cls.engines)}); the compiled engine exists for qwen2vl, qwen2_5vl and qwen3vl")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -165,7 +165,7 @@ class Qwen2VLCaptioner(Captioner):
     model_class: str = "Qwen2VLForConditionalGeneration"
     options_cls = Qwen2VLOptions
 
-    #: the compiled engine (captioning_core.engine) implements Qwen2-VL and Qwen2.5-VL (not Qwen3-VL yet)
+    #: the compiled engine (captioning_core.engine) implements Qwen2-VL, Qwen2.5-VL and Qwen3-VL
     engines = ("eager", "compiled")
     compiled = None  # the compiled engine, set by setup() when cfg.engine == "compiled"
 
@@ -187,10 +187,8 @@ class Qwen2VLCaptioner(Captioner):
     def setup(self) -> None:
         check_model_dir(self.model_dir, self.required_files)
         if self.cfg.engine == "compiled":
-            from captioning_core.engine.qwen2vl import CompiledQwen2VL
-
             self.setup_prompt()
-            self.compiled = CompiledQwen2VL.from_pretrained(self.model_dir, self.cfg.dtype, self.cfg.device_target)
+            self.compiled = self.compiled_class().from_pretrained(self.model_dir, self.cfg.dtype, self.cfg.device_target)
             log.info("loaded %s into the compiled engine (%s, %s)", self.model_dir, self.cfg.device_target,
                      self.cfg.dtype)
             return
@@ -204,6 +202,13 @@ class Qwen2VLCaptioner(Captioner):
         runtime.own_parameters(self.model)  # no host copy of the weights left beside MindSpore's (item 11)
         self.model.eval()
         log.info("loaded %s (%s, %s)", self.model_dir, self.cfg.device_target, self.cfg.dtype)
+
+    @classmethod
+    def compiled_class(cls) -> type:
+        """The compiled engine class for this model (``--engine compiled``)."""
+        from captioning_core.engine.qwen2vl import CompiledQwen2VL
+
+        return CompiledQwen2VL
 
     def setup_prompt(self) -> None:
         """Tokenizer and chat prompt, without the model (``setup`` calls it after importing mindnlp)."""

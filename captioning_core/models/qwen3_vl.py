@@ -13,6 +13,7 @@ What differs from Qwen2-VL, and so lives here (everything else is ``qwen2_vl``'s
 - mindnlp 0.5.1 cannot run two of transformers' Qwen3-VL functions (``apply_interleaved_mrope`` on configs
   whose M-RoPE slices run past the last frequency, and ``_deepstack_process`` always): the captioner installs
   equivalent formulations (``interleaved_mrope``, ``deepstack_process``) before it loads the model.
+  ``--engine compiled`` (``captioning_core.engine.qwen3vl``) runs neither mindnlp nor these functions.
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
     default_model_dir = "pretrained_models/Qwen3-VL-8B-Instruct"
     model_class = "Qwen3VLForConditionalGeneration"
     options_cls = Qwen3VLOptions
-    engines = ("eager",)  # no compiled engine for Qwen3-VL yet (q/k norm, interleaved M-RoPE, DeepStack)
+    engines = ("eager", "compiled")  # compiled: captioning_core.engine.qwen3vl (tests/test_engine_qwen3vl.py)
 
     def __init__(self, cfg: RunConfig) -> None:
         Captioner.__init__(self, cfg)
@@ -327,9 +328,16 @@ class Qwen3VLCaptioner(Qwen2VLCaptioner):
         return Qwen3PreparedVideo(pixels, grid, frames.shape[0], frames[picks], timestamps=stamps)
 
     def setup(self) -> None:
-        runtime.import_mindnlp()
-        install_mindnlp_workarounds()
+        if self.cfg.engine != "compiled":  # the compiled engine's process never imports mindnlp
+            runtime.import_mindnlp()
+            install_mindnlp_workarounds()
         super().setup()
+
+    @classmethod
+    def compiled_class(cls) -> type:
+        from captioning_core.engine.qwen3vl import CompiledQwen3VL
+
+        return CompiledQwen3VL
 
     def prompt_for(self, item: Qwen3PreparedVideo) -> str:
         """The chat prompt with its video written out per temporal group, timestamps included."""
