@@ -8,6 +8,7 @@ rank) must be gone within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -43,15 +44,24 @@ def test_sigterm_mid_run_stops_every_process_the_demo_started(tmp_path):
         demo.send_signal(signal.SIGTERM)
         rest = demo.communicate(timeout=120)[0]
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-    assert demo.returncode == 128 + signal.SIGTERM, rest[-3000:]
-    deadline = time.monotonic() + 30
-    while alive(list(seen.values())) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = alive(list(seen.values()))
-    assert not left, [(p.pid, p.cmdline()) for p in left]
+        if demo.poll() is None:  # a failed check above: stop it the way that lets it stop its servers
+            demo.send_signal(signal.SIGTERM)
+            try:
+                demo.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
+    try:
+        assert demo.returncode == 128 + signal.SIGTERM, rest[-3000:]
+        deadline = time.monotonic() + 30
+        while alive(list(seen.values())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = alive(list(seen.values()))
+        assert not left, [(p.pid, _cmdline(p)) for p in left]
+    finally:
+        for proc in alive(list(seen.values())):  # nothing may outlive the test, even when it fails
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def _cmdline(proc: psutil.Process) -> str:
