@@ -2,10 +2,17 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast test-cluster lint demo train-tiny clean db-init screenshot screenshot-cluster bench
+.PHONY: constraints setup test test-fast test-cluster lint demo train-tiny clean db-init screenshot screenshot-cluster bench
 
 setup:
 	bash scripts/setup.sh
+
+# After a change to pyproject.toml's dependencies: install without the old pins, check, freeze.
+constraints:
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip check
+	{ sed -n 1,3p constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+[A-Za-z0-9.]*$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -132,10 +132,17 @@ class Display:
         return Orientation.rotation_ccw(self.decord_rotation_ccw).inverse().apply(frames)
 
 
+def _side_data(frame: Any) -> list[Any]:
+    """A PyAV frame's side-data entries: 18.1.1 made ``frame.side_data`` a mapping of type -> entry (iterating
+    it gives the types); 18.1.0 iterated the entries."""
+    container = frame.side_data
+    return list(container.values()) if hasattr(container, "values") else list(container)
+
+
 def display_of(stream: Any, frame: Any) -> Display:
     """The Display of a PyAV video ``stream``, from its first decoded ``frame`` (side data) and its tags."""
     matrix = None
-    for side in frame.side_data:
+    for side in _side_data(frame):
         if getattr(side.type, "name", "") == "DISPLAYMATRIX":
             raw = np.frombuffer(bytes(side), dtype=np.int32)
             if raw.size >= 9:

@@ -40,11 +40,12 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing the pinned stack into .venv (first run: a few minutes)"
   # pip, not uv/poetry: pip takes the CPU torch wheel from local disk instead of a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # constraints.txt: the exact versions of everything, dependencies of dependencies included
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   .venv/bin/python -m pip check
   rm -f .venv/.installed-*
   touch "$stamp"

@@ -580,6 +580,18 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         return {"rows": len(rows), "captioned": len(ok), "failed": len(rows) - len(ok),
                 "empty": sum(1 for r in ok if not (r.get("text") or "").strip())}
 
+    def _rank_stats(self, hook) -> list[dict]:
+        """Every rank's stats records, read after msrun exited. Not the summary's copy: the rank that publishes
+        can finish before another rank has written its record for this try."""
+        bucket, prefix = split_s3(PartitionLayout(self.output_uri).stats)
+        out = []
+        for key in hook.list_keys(bucket_name=bucket, prefix=prefix) or []:
+            try:
+                out.append(json.loads(hook.read_key(key, bucket_name=bucket)))
+            except Exception as err:  # figures only; never fail a finished partition on them
+                self.log.warning("unreadable stats object s3://%s/%s: %s: %s", bucket, key, type(err).__name__, err)
+        return out
+
     def _result(self, hook, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
         """The task's XCom: the partition's counts from the summary, and this try's figures (``stats.merge`` of
         the ranks this try started; ``output_tokens_per_row`` is kept as this try's, the same figure as
@@ -587,7 +599,7 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
         from captioning_core import stats
 
         summary = self._summary(hook, summary_uri)
-        this_try = stats.merge(stats.since(summary.get("ranks", []), started) if launched else [], digits=4)
+        this_try = stats.merge(stats.since(self._rank_stats(hook), started) if launched else [], digits=4)
         return {"output": self.output_uri, "rows": summary["rows"], "captioned": summary["captioned"],
                 "failed": summary["failed"], "empty": summary.get("empty", 0),
                 "skipped": this_try["skipped"] if launched else summary["rows"], "launched": launched,
