@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 setup:
 	bash scripts/setup.sh
 
-# After a change to pyproject.toml's dependencies: install without the old pins, check, freeze.
+# After a change to pyproject.toml's dependencies: install what it now asks for (without constraints.txt;
+# packages already installed keep their versions), check, and freeze the result.
 constraints:
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip check

@@ -140,10 +140,4 @@ def interrupted_replacement(cfg: RunConfig, fp: dict) -> bool:
 
 
 def _load_rank_stats(cfg: RunConfig) -> list[dict]:
-    out = []
-    for uri in storage.list_prefix(cfg.layout.stats):
-        try:
-            out.append(json.loads(storage.read_bytes(uri)))
-        except Exception as err:  # stats are informative; never block a publish on them
-            log.warning("unreadable stats object %s: %s: %s", uri, type(err).__name__, err)
-    return out
+    return stats.load_records(storage.list_prefix(cfg.layout.stats), storage.read_bytes)

@@ -8,8 +8,13 @@ partition's final rows are named ``partition_*``. Standard library only: the ope
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +84,18 @@ def newest_per_rank(ranks: list[dict]) -> list[dict]:
         if stat["rank"] not in newest or stat.get("started_at", 0) > newest[stat["rank"]].get("started_at", 0):
             newest[stat["rank"]] = stat
     return list(newest.values())
+
+
+def load_records(uris: Iterable[str], read: Callable[[str], bytes | str]) -> list[dict]:
+    """The stats records at ``uris``, each read with ``read``. Stats are figures only: an unreadable record is
+    logged and left out, never a reason to block a publish or fail a finished partition."""
+    out = []
+    for uri in uris:
+        try:
+            out.append(json.loads(read(uri)))
+        except Exception as err:
+            log.warning("unreadable stats object %s: %s: %s", uri, type(err).__name__, err)
+    return out
 
 
 def since(ranks: list[dict], started: float) -> list[dict]:

@@ -583,14 +583,12 @@ class AscendCaptionOperator(CaptionLineageMixin, BaseOperator):
     def _rank_stats(self, hook) -> list[dict]:
         """Every rank's stats records, read after msrun exited. Not the summary's copy: the rank that publishes
         can finish before another rank has written its record for this try."""
+        from captioning_core import stats
+
         bucket, prefix = split_s3(PartitionLayout(self.output_uri).stats)
-        out = []
-        for key in hook.list_keys(bucket_name=bucket, prefix=prefix) or []:
-            try:
-                out.append(json.loads(hook.read_key(key, bucket_name=bucket)))
-            except Exception as err:  # figures only; never fail a finished partition on them
-                self.log.warning("unreadable stats object s3://%s/%s: %s: %s", bucket, key, type(err).__name__, err)
-        return out
+        keys = hook.list_keys(bucket_name=bucket, prefix=prefix) or []
+        return stats.load_records([f"s3://{bucket}/{key}" for key in keys],
+                                  lambda uri: hook.read_key(split_s3(uri)[1], bucket_name=bucket))
 
     def _result(self, hook, summary_uri: str, started: float, launched: bool) -> dict[str, Any]:
         """The task's XCom: the partition's counts from the summary, and this try's figures (``stats.merge`` of
